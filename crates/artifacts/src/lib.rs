@@ -1,0 +1,1 @@
+//! Snapshot artifact manifests, integrity records, JSON sidecars and the verified-digest cache.

@@ -1,0 +1,1 @@
+//! The firkin command line: serve, doctor, template, sandbox, bench.

@@ -1,0 +1,1 @@
+//! VM and session state that snapshots persist.

@@ -1,0 +1,1 @@
+//! What the firkin runtime promises the E2B API layer: start requests, prepared templates, sandbox records, ports.

@@ -1,0 +1,1 @@
+//! Validated value types shared by every firkin crate: sizes, ids, the sandbox host grammar.

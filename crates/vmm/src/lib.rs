@@ -1,0 +1,1 @@
+//! QEMU microvm driver: command lines, QMP, accelerator detection and process lifetime.
