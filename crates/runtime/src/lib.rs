@@ -1,1 +1,56 @@
-//! Restore orchestration: integrity, disk floor, capacity, launch; templates, pause/resume and warm pools.
+//! Restore orchestration: integrity, disk floor, capacity, launch.
+//!
+//! Every way of getting a running sandbox goes through the same gates, in this order, and a
+//! failing gate stops everything after it:
+//!
+//! 1. **integrity**: the artifact matches its size and SHA-256 (through the verified-digest
+//!    cache, so an unchanged artifact costs one `stat`);
+//! 2. **host disk floor**: at least 10 GiB (configurable) free in the artifact's directory;
+//! 3. **capacity**: the sandbox's budget is reserved in the [`CapacityLedger`];
+//! 4. **launch**: the [`SnapshotSessionLauncher`] restores the VM. If it fails, the
+//!    reservation is given back before the error is returned.
+//!
+//! A success records exactly one `warm_snapshot_restore` latency sample.
+//!
+//! [`CapacityLedger`]: firkin_admission::CapacityLedger
+
+pub use firkin_core as core;
+pub use firkin_types as types;
+
+mod cube;
+mod disk;
+mod paths;
+mod restore;
+mod samples;
+
+#[cfg(feature = "snapshot")]
+mod continuation;
+
+pub use cube::{
+    RuntimeCubeSandboxCreate, RuntimeCubeSandboxCreateConfig, RuntimeCubeSandboxCreateError,
+    RuntimeCubeSandboxCreateReport,
+};
+pub use disk::{DiskFloorError, DiskPressureProbe, HostDiskProbe, check_disk_floor};
+pub use paths::{FirkinPaths, PathsError};
+pub use restore::{
+    ActiveSessionReservation, IntegrityFailure, IntegritySource, RuntimeSnapshotRestore,
+    SnapshotRestoreError, SnapshotRestoreReport, SnapshotRestoreRequest, SnapshotSessionLauncher,
+    verify_integrity,
+};
+pub use samples::{BenchmarkSample, SampleUnit};
+
+#[cfg(feature = "snapshot")]
+pub use continuation::{PersistedContainerSnapshotState, PersistedStateError};
+
+use firkin_types::Size;
+
+/// Free space required in an artifact's directory before a restore, a continuation capture or a
+/// template build starts.
+pub const DEFAULT_RESTORE_DISK_FLOOR: Size = Size::gib(10);
+
+/// Free space required before a warm-pool refill. Higher than the restore floor so that refills
+/// stop before they can starve active restores of disk.
+pub const DEFAULT_WARM_POOL_DISK_FLOOR: Size = Size::gib(20);
+
+/// Metric name of the one latency sample every successful restore records.
+pub const WARM_SNAPSHOT_RESTORE_METRIC: &str = "warm_snapshot_restore";

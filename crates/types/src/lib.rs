@@ -1,1 +1,12 @@
 //! Validated value types shared by every firkin crate: sizes, ids, the sandbox host grammar.
+//!
+//! Nothing here does I/O. Every constructor that takes outside input validates it, so a value of
+//! one of these types is known good wherever it travels.
+
+mod host;
+mod id;
+mod size;
+
+pub use host::{HostParseError, PortSandboxHost};
+pub use id::{IdError, SandboxId, TemplateId};
+pub use size::Size;
