@@ -22,6 +22,8 @@ mod disk;
 mod paths;
 mod restore;
 mod samples;
+mod service;
+mod session;
 
 #[cfg(feature = "snapshot")]
 mod continuation;
@@ -35,9 +37,14 @@ pub use paths::{FirkinPaths, PathsError};
 pub use restore::{
     ActiveSessionReservation, IntegrityFailure, IntegritySource, RuntimeSnapshotRestore,
     SnapshotRestoreError, SnapshotRestoreReport, SnapshotRestoreRequest, SnapshotSessionLauncher,
-    verify_integrity,
+    verify_integrity, verify_sealed,
 };
 pub use samples::{BenchmarkSample, SampleUnit};
+pub use service::{
+    CapacityStatus, PausedSandbox, RuntimeConfig, RuntimeError, SNAPSHOT_DESCRIPTOR, SandboxExit,
+    SandboxRuntime, SandboxSource, StartSandbox, StartedSandbox, TemplateSnapshot,
+};
+pub use session::{ContinuationSaved, EnvdInit, SandboxSession};
 
 #[cfg(feature = "snapshot")]
 pub use continuation::{PersistedContainerSnapshotState, PersistedStateError};

@@ -241,6 +241,29 @@ pub fn verify_integrity(
     }
 }
 
+/// [`verify_integrity`] in sealed mode: the descriptor and every component it lists.
+pub fn verify_sealed(
+    manifest: &SnapshotArtifactManifest,
+    source: IntegritySource<'_>,
+    cache: &DigestCache,
+) -> Result<SealedSnapshot, IntegrityFailure> {
+    let owned;
+    let record = match source {
+        IntegritySource::Record(r) => r,
+        IntegritySource::Sidecar(p) => {
+            owned = SnapshotArtifactIntegrity::read_json(p)?;
+            &owned
+        }
+        IntegritySource::Unchecked | IntegritySource::ArtifactSidecar => {
+            owned = SnapshotArtifactIntegrity::read_json(
+                SnapshotArtifactIntegrity::sidecar_path_for_artifact(manifest.path()),
+            )?;
+            &owned
+        }
+    };
+    Ok(SealedSnapshot::verify(manifest.path(), record, cache)?)
+}
+
 /// Restores one session from a snapshot artifact through the four gates (see the crate docs).
 ///
 /// Holds the ledger mutably for the whole restore, which is right for a single caller and for

@@ -1,5 +1,6 @@
 //! Every failure path of the restore gates: what fails, in which order, and that nothing after
 //! a failing gate runs or stays reserved.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

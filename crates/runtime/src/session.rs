@@ -1,0 +1,66 @@
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// What the runtime tells a sandbox's agent right after a restore or a warm-pool checkout
+/// (envd's `POST /init`). Clones of one snapshot share the snapshot's clock, RNG state and
+/// configuration, so every restore gets fresh values here before the sandbox is handed out.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvdInit {
+    pub env_vars: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+    /// RFC 3339 wall-clock time at the moment of the call.
+    pub timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_workdir: Option<String>,
+    /// Base64 of fresh random bytes for the guest kernel RNG.
+    pub entropy: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+/// The files a continuation capture wrote, for sealing: `(role, file name in the directory)`,
+/// plus the launcher's machine description needed to restore it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ContinuationSaved {
+    pub components: Vec<(String, String)>,
+    pub machine: serde_json::Value,
+}
+
+/// A running sandbox as the runtime drives it. Implemented by the QEMU backend.
+#[async_trait]
+pub trait SandboxSession: Send + Sync + 'static {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Loopback address forwarded to the guest's envd port.
+    fn envd_addr(&self) -> SocketAddr;
+
+    /// Loopback address forwarded to `guest_port`, if that port is forwarded.
+    fn port_addr(&self, guest_port: u16) -> Option<SocketAddr>;
+
+    /// Host pid of the VMM process, if there is one.
+    fn pid(&self) -> Option<u32>;
+
+    /// Whether the VMM process is still running.
+    fn is_alive(&self) -> bool;
+
+    /// Configures the agent (`POST /init`); also proves it answers.
+    async fn init(&self, init: &EnvdInit) -> Result<(), Self::Error>;
+
+    /// Saves RAM, device state and disk into `dir` so the sandbox can be resumed later, then
+    /// stops the VM.
+    async fn save_continuation(&self, dir: &Path) -> Result<ContinuationSaved, Self::Error>;
+
+    /// Stops the VM (gracefully, then by force) and removes its per-instance files. Idempotent.
+    async fn stop(&self) -> Result<(), Self::Error>;
+
+    /// Resolves when the VMM process has exited, for whatever reason.
+    async fn exited(&self);
+}
