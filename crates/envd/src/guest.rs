@@ -1,0 +1,261 @@
+//! Guest mode: what envd does as the first process of a sandbox VM.
+//!
+//! `firkin-init` (the initramfs) switches to the root disk and execs envd as PID 1. Everything
+//! here is idempotent, so it is equally right when an init has already done part of it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nix::mount::{MsFlags, mount};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Hostname used when `/init` names none.
+pub const DEFAULT_HOSTNAME: &str = "firkin";
+/// The resolver QEMU's user-mode network provides.
+pub const DEFAULT_NAMESERVER: &str = "10.0.2.3";
+
+struct MountSpec {
+    target: &'static str,
+    fstype: &'static str,
+    flags: MsFlags,
+    data: &'static str,
+    mode: u32,
+}
+
+const MOUNTS: &[MountSpec] = &[
+    MountSpec {
+        target: "/proc",
+        fstype: "proc",
+        flags: MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
+        data: "",
+        mode: 0o555,
+    },
+    MountSpec {
+        target: "/sys",
+        fstype: "sysfs",
+        flags: MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
+        data: "",
+        mode: 0o555,
+    },
+    MountSpec {
+        target: "/dev",
+        fstype: "devtmpfs",
+        flags: MsFlags::MS_NOSUID,
+        data: "mode=0755",
+        mode: 0o755,
+    },
+    MountSpec {
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        data: "newinstance,ptmxmode=0666,mode=0620,gid=5",
+        mode: 0o755,
+    },
+    MountSpec {
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: "mode=1777",
+        mode: 0o1777,
+    },
+    MountSpec {
+        target: "/run",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: "mode=0755",
+        mode: 0o755,
+    },
+    MountSpec {
+        target: "/tmp",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: "mode=1777",
+        mode: 0o1777,
+    },
+];
+
+/// Mount points currently in use, from `/proc/self/mountinfo` (field 5).
+fn mount_points() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Mounts whatever of the standard pseudo filesystems is missing. Failures are logged, not
+/// fatal: a half-equipped guest that answers the host beats one that is gone.
+pub fn mount_filesystems() {
+    for spec in MOUNTS {
+        // Re-read every time: /proc itself may have just been mounted.
+        if mount_points().iter().any(|m| m == spec.target) {
+            continue;
+        }
+        if let Err(e) = std::fs::create_dir_all(spec.target) {
+            tracing::warn!(target = spec.target, error = %e, "cannot create mount point");
+            continue;
+        }
+        let data = (!spec.data.is_empty()).then_some(spec.data);
+        match mount(
+            Some(spec.fstype),
+            spec.target,
+            Some(spec.fstype),
+            spec.flags,
+            data,
+        ) {
+            Ok(()) => {
+                tracing::info!(target = spec.target, fstype = spec.fstype, "mounted");
+                use std::os::unix::fs::PermissionsExt;
+                if spec.fstype == "tmpfs" {
+                    let _ = std::fs::set_permissions(
+                        spec.target,
+                        std::fs::Permissions::from_mode(spec.mode),
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(target = spec.target, error = %e, "mount failed"),
+        }
+    }
+    // devtmpfs has device nodes but none of the conventional links that udev would add;
+    // shells need /dev/fd for process substitution.
+    for (link, to) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+        ("/dev/ptmx", "pts/ptmx"),
+    ] {
+        if std::fs::symlink_metadata(link).is_err()
+            && let Err(e) = std::os::unix::fs::symlink(to, link)
+        {
+            tracing::warn!(link, error = %e, "cannot create link");
+        }
+    }
+}
+
+/// Sets the kernel hostname and makes it resolve locally.
+pub fn set_hostname(name: &str) -> std::io::Result<()> {
+    nix::unistd::sethostname(name)?;
+    let hosts = Path::new("/etc/hosts");
+    let current = std::fs::read_to_string(hosts).unwrap_or_default();
+    let known = current.lines().any(|l| {
+        let l = l.split('#').next().unwrap_or("");
+        l.split_whitespace().skip(1).any(|h| h == name)
+    });
+    if !known {
+        let mut text = current;
+        if !text
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("localhost"))
+        {
+            text.push_str("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+        }
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&format!("127.0.1.1\t{name}\n"));
+        std::fs::write(hosts, text)?;
+    }
+    Ok(())
+}
+
+/// Writes `/etc/resolv.conf` when it is missing or empty (a disk image built without network
+/// configuration), pointing at QEMU's resolver.
+pub fn ensure_resolv_conf() -> std::io::Result<()> {
+    let path = Path::new("/etc/resolv.conf");
+    let empty = match std::fs::read_to_string(path) {
+        Ok(text) => text.trim().is_empty(),
+        Err(_) => true,
+    };
+    if empty {
+        // A dangling symlink (to systemd-resolved's file, say) would make the write fail.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(path)?;
+        }
+        std::fs::write(path, format!("nameserver {DEFAULT_NAMESERVER}\n"))?;
+    }
+    Ok(())
+}
+
+/// Everything guest mode sets up before serving.
+pub fn prepare() {
+    mount_filesystems();
+    if let Err(e) = set_hostname(DEFAULT_HOSTNAME) {
+        tracing::warn!(error = %e, "cannot set hostname");
+    }
+    if let Err(e) = ensure_resolv_conf() {
+        tracing::warn!(error = %e, "cannot write /etc/resolv.conf");
+    }
+    if let Err(e) = crate::sys::loopback_up() {
+        tracing::warn!(error = %e, "cannot bring up lo");
+    }
+}
+
+/// Stops every process, flushes and freezes the disks, and powers the VM off. Only returns
+/// (with the error) when it could not power off.
+///
+/// Does nothing but `sync` unless envd is PID 1: under another init, that init owns the
+/// shutdown, and on a host started with `--guest` by mistake, `reboot()` would power off the
+/// host itself. (PID 1 of a child PID namespace is safe: there `reboot()` only ends the
+/// namespace, which is what the namespace test relies on.)
+pub async fn power_off(reaper: &crate::reaper::Reaper) -> std::io::Error {
+    nix::unistd::sync();
+    if std::process::id() != 1 {
+        return std::io::Error::other("not PID 1: leaving the shutdown to the init");
+    }
+    // As PID 1, kill(-1) reaches every process but envd itself.
+    let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+    for _ in 0..20 {
+        reaper.reap_ready();
+        if !has_other_processes() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    reaper.reap_ready();
+    nix::unistd::sync();
+    for target in ["/tmp", "/run", "/dev/shm"] {
+        let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+    }
+    if let Err(e) = mount::<str, str, str, str>(
+        None,
+        "/",
+        None,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None,
+    ) {
+        tracing::warn!(error = %e, "cannot remount / read-only");
+    }
+    nix::unistd::sync();
+    match nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF) {
+        Ok(never) => match never {},
+        Err(e) => e.into(),
+    }
+}
+
+fn has_other_processes() -> bool {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(Result::ok).any(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.chars().all(|c| c.is_ascii_digit()) && name != me && !is_kernel_thread(&name)
+            })
+        })
+        .unwrap_or(false)
+}
+
+fn is_kernel_thread(pid: &str) -> bool {
+    // Kernel threads have an empty command line.
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.is_empty())
+}

@@ -1,0 +1,254 @@
+//! `/health`, `/init`, `/envs` and `/metrics`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::{ApiError, ENVD_VERSION};
+use crate::state::{Envd, Mode};
+
+/// Always 204 and never behind the token: the host polls it to learn that the guest is up.
+pub(super) async fn health() -> Response {
+    (StatusCode::NO_CONTENT, [("x-envd-version", ENVD_VERSION)]).into_response()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InitRequest {
+    env_vars: Option<BTreeMap<String, String>>,
+    access_token: Option<String>,
+    timestamp: Option<String>,
+    default_user: Option<String>,
+    default_workdir: Option<String>,
+    /// firkin: base64 seed for the kernel RNG (snapshot clones share RNG state).
+    entropy: Option<String>,
+    /// firkin: hostname to set (guest mode only).
+    hostname: Option<String>,
+}
+
+/// Configures the agent. The token gate in front of it has already checked that a request
+/// replacing an existing token carries that token.
+pub(super) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: InitRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        InitRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("invalid /init body: {e}")))?
+    };
+
+    // Validate everything before changing anything, so a bad request changes nothing.
+    let timestamp = req
+        .timestamp
+        .as_deref()
+        .map(|t| {
+            OffsetDateTime::parse(t, &Rfc3339)
+                .map_err(|e| ApiError::bad_request(format!("invalid timestamp '{t}': {e}")))
+        })
+        .transpose()?;
+    let entropy = req
+        .entropy
+        .as_deref()
+        .map(|e| {
+            base64::engine::general_purpose::STANDARD
+                .decode(e.trim())
+                .map_err(|err| ApiError::bad_request(format!("invalid entropy base64: {err}")))
+        })
+        .transpose()?;
+    if let Some(user) = req.default_user.as_deref().filter(|u| !u.is_empty()) {
+        envd.accounts
+            .by_name(user)
+            .map_err(|e| ApiError::bad_request(format!("invalid defaultUser: {e}")))?;
+    }
+    if let Some(name) = req.hostname.as_deref()
+        && (name.is_empty() || name.len() > 64 || name.contains(['/', '\0', ' ']))
+    {
+        return Err(ApiError::bad_request(format!("invalid hostname '{name}'")));
+    }
+
+    if let Some(seed) = entropy.filter(|s| !s.is_empty()) {
+        feed_entropy(envd.mode, &seed).await;
+    }
+    if let Some(ts) = timestamp {
+        apply_timestamp(&envd, ts);
+    }
+    if let Some(name) = req.hostname.as_deref() {
+        if envd.mode == Mode::Guest {
+            if let Err(e) = crate::guest::set_hostname(name) {
+                tracing::warn!(hostname = name, error = %e, "cannot set hostname");
+            }
+        } else {
+            tracing::info!(hostname = name, "host mode: not changing the hostname");
+        }
+    }
+
+    envd.update_settings(|s| {
+        if let Some(vars) = req.env_vars {
+            s.env_vars.extend(vars);
+        }
+        if let Some(token) = req.access_token {
+            s.access_token = (!token.is_empty()).then_some(token);
+        }
+        if let Some(user) = req.default_user.filter(|u| !u.is_empty()) {
+            s.default_user = user;
+        }
+        if let Some(dir) = req.default_workdir {
+            s.default_workdir = (!dir.is_empty()).then(|| PathBuf::from(dir));
+        }
+    });
+    Ok((
+        StatusCode::NO_CONTENT,
+        [
+            ("x-envd-version", ENVD_VERSION),
+            ("cache-control", "no-store"),
+        ],
+    )
+        .into_response())
+}
+
+/// Moves the clock forward to `ts` unless a newer timestamp was already applied: `/init` is
+/// retried, and a late retry must not turn the clock back.
+fn apply_timestamp(envd: &Envd, ts: OffsetDateTime) {
+    let newer = envd.update_settings(|s| {
+        if s.last_timestamp.is_some_and(|last| ts <= last) {
+            false
+        } else {
+            s.last_timestamp = Some(ts);
+            true
+        }
+    });
+    if !newer {
+        tracing::debug!(%ts, "ignoring stale /init timestamp");
+        return;
+    }
+    if envd.mode != Mode::Guest {
+        tracing::debug!(%ts, "host mode: not setting the clock");
+        return;
+    }
+    let nanos = ts.unix_timestamp_nanos();
+    let spec = nix::sys::time::TimeSpec::new(
+        i64::try_from(nanos.div_euclid(1_000_000_000)).unwrap_or(i64::MAX),
+        i64::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or(0),
+    );
+    match nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, spec) {
+        Ok(()) => tracing::info!(%ts, "clock set"),
+        Err(e) => tracing::warn!(%ts, error = %e, "cannot set clock"),
+    }
+}
+
+async fn feed_entropy(mode: Mode, seed: &[u8]) {
+    if mode == Mode::Host && !nix::unistd::geteuid().is_root() {
+        tracing::warn!("host mode without root: ignoring /init entropy");
+        return;
+    }
+    let seed = seed.to_vec();
+    let result = tokio::task::spawn_blocking(move || crate::sys::add_entropy(&seed)).await;
+    match result {
+        Ok(Ok(())) => tracing::info!("kernel RNG reseeded"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot reseed kernel RNG"),
+        Err(e) => tracing::warn!(error = %e, "entropy task failed"),
+    }
+}
+
+/// The sandbox-wide environment, for services inside the sandbox (the code interpreter).
+pub(super) async fn envs(State(envd): State<Arc<Envd>>) -> Response {
+    axum::Json(envd.settings().env_vars).into_response()
+}
+
+#[derive(Debug, Serialize)]
+struct Metrics {
+    ts: i64,
+    cpu_count: usize,
+    cpu_used_pct: f64,
+    mem_total: u64,
+    mem_used: u64,
+    mem_cache: u64,
+    mem_total_mib: u64,
+    mem_used_mib: u64,
+    disk_used: u64,
+    disk_total: u64,
+}
+
+/// CPU counters from the previous `/metrics` call: usage is reported over the interval since.
+static CPU_SAMPLE: Mutex<Option<(u64, u64)>> = Mutex::new(None);
+
+fn cpu_times() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    Some((total, idle))
+}
+
+fn cpu_used_pct() -> f64 {
+    let Some(now) = cpu_times() else { return 0.0 };
+    let mut last = match CPU_SAMPLE.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    let prev = last.replace(now);
+    let (t0, i0) = prev.unwrap_or_default();
+    let dt = now.0.saturating_sub(t0);
+    let di = now.1.saturating_sub(i0);
+    if dt == 0 {
+        return 0.0;
+    }
+    ((dt - di.min(dt)) as f64 / dt as f64 * 10000.0).round() / 100.0
+}
+
+fn meminfo() -> (u64, u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let get = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let total = get("MemTotal");
+    let available = get("MemAvailable");
+    let cache = get("Cached") + get("Buffers");
+    (total, total.saturating_sub(available), cache)
+}
+
+/// CPU, memory and disk usage (snake_case keys, as upstream's envd answers).
+pub(super) async fn metrics() -> Response {
+    let (mem_total, mem_used, mem_cache) = meminfo();
+    let (disk_total, disk_used) = match nix::sys::statvfs::statvfs("/") {
+        Ok(s) => {
+            let frag = s.fragment_size();
+            (
+                s.blocks() * frag,
+                s.blocks().saturating_sub(s.blocks_free()) * frag,
+            )
+        }
+        Err(_) => (0, 0),
+    };
+    let m = Metrics {
+        ts: OffsetDateTime::now_utc().unix_timestamp(),
+        cpu_count: std::thread::available_parallelism().map_or(1, usize::from),
+        cpu_used_pct: cpu_used_pct(),
+        mem_total,
+        mem_used,
+        mem_cache,
+        mem_total_mib: mem_total / (1024 * 1024),
+        mem_used_mib: mem_used / (1024 * 1024),
+        disk_used,
+        disk_total,
+    };
+    axum::Json(m).into_response()
+}

@@ -1,0 +1,404 @@
+//! `GET /files` (download) and `POST /files` (multipart or raw upload), streamed both ways:
+//! bodies pass through in chunks, so a file of any size costs a bounded amount of memory.
+
+use std::collections::HashSet;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use super::ApiError;
+use crate::fsops::{self, FsIdentity};
+use crate::state::Envd;
+use crate::users::{User, UserError};
+
+/// A stalled client must not pin a file handle and a worker forever.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const CHUNK: usize = 64 * 1024;
+
+/// Query parameters of both `/files` methods.
+#[derive(Debug, Default, Deserialize)]
+pub struct FileParams {
+    path: Option<String>,
+    username: Option<String>,
+    signature: Option<String>,
+    signature_expiration: Option<String>,
+}
+
+/// Which operation a signature authorizes.
+#[derive(Debug, Clone, Copy)]
+pub enum SigningOp {
+    /// `GET /files`.
+    Read,
+    /// `POST /files`.
+    Write,
+}
+
+impl SigningOp {
+    fn as_str(self) -> &'static str {
+        match self {
+            SigningOp::Read => "read",
+            SigningOp::Write => "write",
+        }
+    }
+}
+
+/// The `v1_` signature for a file URL (§4.3): base64 (no padding) of SHA-256 over
+/// `path:op:username:token[:expiration]`.
+pub fn sign(path: &str, op: SigningOp, username: &str, token: &str, exp: Option<&str>) -> String {
+    let mut raw = format!("{path}:{}:{username}:{token}", op.as_str());
+    if let Some(exp) = exp {
+        raw.push(':');
+        raw.push_str(exp);
+    }
+    let digest = Sha256::digest(raw.as_bytes());
+    format!(
+        "v1_{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    )
+}
+
+/// Checks the signature in a `/files` query string against `token`.
+pub fn verify_signature(query: &str, op: SigningOp, token: &str) -> Result<(), ApiError> {
+    let params: FileParams = serde_urlencoded::from_str(query)
+        .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))?;
+    let Some(signature) = params.signature.as_deref() else {
+        return Err(ApiError::unauthorized(
+            "missing access token or file signature",
+        ));
+    };
+    let exp = params.signature_expiration.as_deref();
+    if let Some(exp) = exp {
+        let when: i64 = exp
+            .parse()
+            .map_err(|_| ApiError::unauthorized("invalid signature expiration"))?;
+        if time::OffsetDateTime::now_utc().unix_timestamp() > when {
+            return Err(ApiError::unauthorized("signature expired"));
+        }
+    }
+    let expected = sign(
+        params.path.as_deref().unwrap_or(""),
+        op,
+        params.username.as_deref().unwrap_or(""),
+        token,
+        exp,
+    );
+    if super::constant_time_eq(expected.as_bytes(), signature.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("invalid file signature"))
+    }
+}
+
+fn resolve_user(envd: &Envd, name: Option<&str>) -> Result<User, ApiError> {
+    envd.resolve_user(name).map_err(|e| match e {
+        UserError::NotFound(_) => ApiError::unauthorized(e.to_string()),
+        UserError::Read { .. } => ApiError::internal(e.to_string()),
+    })
+}
+
+/// Streams a file to the client.
+pub async fn download(
+    State(envd): State<Arc<Envd>>,
+    Query(params): Query<FileParams>,
+) -> Result<Response, ApiError> {
+    let user = resolve_user(&envd, params.username.as_deref())?;
+    let raw = params
+        .path
+        .as_deref()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| ApiError::bad_request("missing path"))?;
+    let path = envd.resolve_path(raw, &user);
+    let id = FsIdentity::of(&user, &envd.accounts);
+    let p = path.clone();
+    let (file, len) = fsops::as_user(id, move || {
+        let file = std::fs::File::open(&p)?;
+        let meta = file.metadata()?;
+        if meta.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::IsADirectory,
+                "path is a directory",
+            ));
+        }
+        Ok((file, meta.len()))
+    })
+    .await
+    .map_err(|e| ApiError::from_io(&e, &path.display().to_string()))?;
+
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().replace(['"', '\\', '\r', '\n'], "_"))
+        .unwrap_or_default();
+    let file = tokio::fs::File::from_std(file);
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, CHUNK);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+    if let Ok(v) = header::HeaderValue::from_str(&format!("inline; filename=\"{name}\"")) {
+        headers.insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok((StatusCode::OK, headers, Body::from_stream(stream)).into_response())
+}
+
+/// One entry of the upload answer.
+#[derive(Debug, Serialize)]
+struct WriteInfo {
+    name: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// Undoes the escaping browsers and httpx apply to a multipart `filename` (`"` as `%22`,
+/// control characters as `%XX`, backslash doubled). The name is a full path here, so it is
+/// never reduced to a base name.
+fn unescape_filename(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        if c == '%'
+            && let Some(hex) = raw.get(i + 1..i + 3)
+            && let Ok(v) = u8::from_str_radix(hex, 16)
+            && (v == b'"' || v < 0x20)
+        {
+            out.push(v as char);
+            chars.next();
+            chars.next();
+            continue;
+        }
+        if c == '\\' && chars.peek().is_some_and(|(_, n)| *n == '\\') {
+            chars.next();
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn upload_metadata(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
+    let mut out = Vec::new();
+    for (name, value) in headers {
+        if let Some(key) = name.as_str().strip_prefix("x-metadata-") {
+            if key.is_empty() {
+                return Err(ApiError::bad_request("empty metadata key"));
+            }
+            let value = value
+                .to_str()
+                .map_err(|_| ApiError::bad_request(format!("metadata '{key}' is not ASCII")))?;
+            out.push((key.to_ascii_lowercase(), value.to_owned()));
+        }
+    }
+    Ok(out)
+}
+
+/// Writes uploaded files.
+pub async fn upload(
+    State(envd): State<Arc<Envd>>,
+    Query(params): Query<FileParams>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let user = resolve_user(&envd, params.username.as_deref())?;
+    let metadata = upload_metadata(&headers)?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let query_path = params.path.as_deref().filter(|p| !p.is_empty());
+    let stream = body.into_data_stream();
+
+    let written = if mime == "application/octet-stream" {
+        let raw = query_path
+            .ok_or_else(|| ApiError::bad_request("the path query parameter is required"))?;
+        let path = envd.resolve_path(raw, &user);
+        let encoding = headers
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("identity")
+            .trim()
+            .to_ascii_lowercase();
+        let reader =
+            tokio_util::io::StreamReader::new(stream.map_err(|e| io::Error::other(e.to_string())));
+        match encoding.as_str() {
+            "" | "identity" => write_file(&envd, &user, &path, reader, &metadata).await?,
+            "gzip" | "x-gzip" => {
+                let decoder = async_compression::tokio::bufread::GzipDecoder::new(reader);
+                write_file(&envd, &user, &path, decoder, &metadata).await?
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unsupported content encoding '{other}'"
+                )));
+            }
+        };
+        vec![write_info(&path, &metadata)]
+    } else if mime.starts_with("multipart/") {
+        let boundary = multer::parse_boundary(content_type)
+            .map_err(|e| ApiError::bad_request(format!("invalid multipart content type: {e}")))?;
+        let mut multipart = multer::Multipart::new(stream, boundary);
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        while let Some(field) = multipart
+            .next_field()
+            .await
+            .map_err(|e| ApiError::bad_request(format!("invalid multipart body: {e}")))?
+        {
+            if field.name() != Some("file") {
+                continue;
+            }
+            let raw = match query_path {
+                Some(p) => p.to_owned(),
+                None => field
+                    .file_name()
+                    .map(unescape_filename)
+                    .filter(|f| !f.is_empty())
+                    .ok_or_else(|| ApiError::bad_request("file part without a filename"))?,
+            };
+            let path = envd.resolve_path(&raw, &user);
+            if !seen.insert(path.clone()) {
+                return Err(ApiError::bad_request(format!(
+                    "cannot upload several files to '{}' in one request",
+                    path.display()
+                )));
+            }
+            let reader = tokio_util::io::StreamReader::new(
+                field.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+            );
+            write_file(&envd, &user, &path, reader, &metadata).await?;
+            out.push(write_info(&path, &metadata));
+        }
+        if out.is_empty() {
+            return Err(ApiError::bad_request("no 'file' part in the upload"));
+        }
+        out
+    } else {
+        return Err(ApiError::bad_request(format!(
+            "unsupported content type '{content_type}', expected multipart/form-data or application/octet-stream"
+        )));
+    };
+    Ok(axum::Json(written).into_response())
+}
+
+fn write_info(path: &Path, metadata: &[(String, String)]) -> WriteInfo {
+    WriteInfo {
+        name: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        kind: "file",
+        path: path.display().to_string(),
+        metadata: (!metadata.is_empty()).then(|| metadata.iter().cloned().collect()),
+    }
+}
+
+/// Creates (as `user`) the parent directories and the file, then copies `reader` into it.
+async fn write_file<R: AsyncRead + Unpin>(
+    envd: &Envd,
+    user: &User,
+    path: &Path,
+    mut reader: R,
+    metadata: &[(String, String)],
+) -> Result<(), ApiError> {
+    let what = path.display().to_string();
+    let id = FsIdentity::of(user, &envd.accounts);
+    let p: PathBuf = path.to_owned();
+    let meta = metadata.to_vec();
+    let file = fsops::as_user(id, move || {
+        if let Some(parent) = p.parent() {
+            fsops::create_dirs(parent)?;
+        }
+        if p.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::IsADirectory,
+                "path is a directory",
+            ));
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)?;
+        if !meta.is_empty() {
+            fsops::write_metadata(&p, &meta)?;
+        }
+        Ok(file)
+    })
+    .await
+    .map_err(|e| ApiError::from_io(&e, &what))?;
+
+    let mut file = tokio::fs::File::from_std(file);
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match tokio::time::timeout(IDLE_TIMEOUT, reader.read(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                return Err(ApiError::bad_request(format!(
+                    "reading upload body for {what}: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("upload of {what} stalled"),
+                ));
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        file.write_all(&buf[..n])
+            .await
+            .map_err(|e| ApiError::from_io(&e, &what))?;
+    }
+    // tokio's File completes writes in the background; only flush reports their errors.
+    file.flush()
+        .await
+        .map_err(|e| ApiError::from_io(&e, &what))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_httpx_filenames() {
+        assert_eq!(unescape_filename("/tmp/a%22b"), "/tmp/a\"b");
+        assert_eq!(unescape_filename("/tmp/a\\\\b"), "/tmp/a\\b");
+        assert_eq!(unescape_filename("/tmp/x/y.txt"), "/tmp/x/y.txt");
+        assert_eq!(unescape_filename("/tmp/100%"), "/tmp/100%");
+    }
+
+    #[test]
+    fn signature_matches_the_sdk() {
+        // Values computed with e2b 2.63.0's `get_signature`.
+        assert_eq!(
+            sign("/tmp/a", SigningOp::Read, "", "tok", None),
+            "v1_jRv7bf35peDXq059OOOyWD0PBnF4OWRLw0tBteoU7A4"
+        );
+        assert_eq!(
+            sign("~/x y", SigningOp::Write, "user", "tok", None),
+            "v1_3OG4eq00IBSU+D5o7mmMjNvtYfhK7LAYoffLsxWF0x0"
+        );
+    }
+}

@@ -1,0 +1,158 @@
+//! The plain-HTTP side of envd (§4 of the protocol reference), the access-token gate in front
+//! of everything, and the router that joins them with the Connect RPC services.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::state::Envd;
+
+mod control;
+pub mod files;
+
+/// The envd version reported to clients. The SDK gates features on it; 0.6.4 unlocks all that
+/// firkin implements and nothing it does not.
+pub const ENVD_VERSION: &str = "0.6.4";
+
+/// An error answered as E2B's `{"code": <status>, "message": ...}` JSON.
+#[derive(Debug, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct ApiError {
+    /// HTTP status (also the JSON `code`).
+    pub status: StatusCode,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with the given status.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 400.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// 401.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, message)
+    }
+
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    /// 500.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    /// Maps a filesystem error on `what` to the status the SDK understands.
+    pub fn from_io(err: &std::io::Error, what: &str) -> Self {
+        use std::io::ErrorKind;
+        let status = match err.kind() {
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
+            ErrorKind::StorageFull | ErrorKind::QuotaExceeded => StatusCode::INSUFFICIENT_STORAGE,
+            ErrorKind::IsADirectory
+            | ErrorKind::NotADirectory
+            | ErrorKind::InvalidInput
+            | ErrorKind::InvalidFilename
+            | ErrorKind::AlreadyExists => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, format!("{what}: {err}"))
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: u16,
+    message: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&ErrorBody {
+            code: self.status.as_u16(),
+            message: &self.message,
+        })
+        .unwrap_or_default();
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
+    }
+}
+
+/// Builds the complete envd service: plain HTTP routes, Connect RPC, and the token gate.
+pub fn router(envd: Arc<Envd>) -> Router {
+    let rpc = crate::rpc::connect_router(envd.clone());
+    Router::new()
+        .route("/health", axum::routing::get(control::health))
+        .route("/init", axum::routing::post(control::init))
+        .route("/envs", axum::routing::get(control::envs))
+        .route("/metrics", axum::routing::get(control::metrics))
+        .route(
+            "/files",
+            axum::routing::get(files::download).post(files::upload),
+        )
+        .fallback_service(rpc.into_axum_service())
+        .layer(middleware::from_fn_with_state(envd.clone(), require_token))
+        .with_state(envd)
+}
+
+/// Compares without an early exit, so response timing does not reveal the matching prefix.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn header_token_matches(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get("x-access-token")
+        .is_some_and(|v| constant_time_eq(v.as_bytes(), token.as_bytes()))
+}
+
+/// Once `/init` has set a token, every request but `/health` must carry it in
+/// `X-Access-Token`; `/files` may instead carry a valid signature (checked by its handler,
+/// which knows the operation).
+async fn require_token(State(envd): State<Arc<Envd>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path == "/health" {
+        return next.run(req).await;
+    }
+    let Some(token) = envd.access_token() else {
+        return next.run(req).await;
+    };
+    if header_token_matches(req.headers(), &token) {
+        return next.run(req).await;
+    }
+    if path == "/files" {
+        let op = if req.method() == axum::http::Method::POST {
+            files::SigningOp::Write
+        } else {
+            files::SigningOp::Read
+        };
+        return match files::verify_signature(req.uri().query().unwrap_or(""), op, &token) {
+            Ok(()) => next.run(req).await,
+            Err(e) => e.into_response(),
+        };
+    }
+    ApiError::unauthorized("missing or invalid access token").into_response()
+}

@@ -1,0 +1,161 @@
+//! Shared agent state: the settings `/init` changes, and the tables the services keep.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use time::OffsetDateTime;
+
+use crate::users::{AccountDb, User, UserError};
+
+/// Which machine the agent serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Serves the machine it runs on; for tests and development. Never touches the clock,
+    /// hostname or mounts.
+    Host,
+    /// Runs inside a sandbox VM, possibly as PID 1.
+    Guest,
+}
+
+/// What `/init` configures. Read on every request, written rarely.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// When set, every request but `/health` must prove it knows this token.
+    pub access_token: Option<String>,
+    /// Sandbox-wide environment for spawned processes.
+    pub env_vars: BTreeMap<String, String>,
+    /// The user requests run as when they name none.
+    pub default_user: String,
+    /// The working directory for requests that name none; `None` means the user's home.
+    pub default_workdir: Option<PathBuf>,
+    /// The newest `/init` timestamp applied so far; older ones must not move the clock back.
+    pub last_timestamp: Option<OffsetDateTime>,
+}
+
+/// The agent's shared state.
+#[derive(Debug)]
+pub struct Envd {
+    /// Host or guest.
+    pub mode: Mode,
+    /// Where users and groups are looked up.
+    pub accounts: AccountDb,
+    settings: RwLock<Settings>,
+    /// Running and recently finished processes.
+    pub processes: Arc<crate::process::ProcessTable>,
+    /// Polling filesystem watchers (`CreateWatcher`).
+    pub watchers: crate::watch::WatcherTable,
+    /// Reaps children and hands exit statuses to their owners.
+    pub reaper: Arc<crate::reaper::Reaper>,
+}
+
+impl Envd {
+    /// Creates the state with the given defaults.
+    pub fn new(
+        mode: Mode,
+        accounts: AccountDb,
+        default_user: String,
+        default_workdir: Option<PathBuf>,
+        reaper: Arc<crate::reaper::Reaper>,
+    ) -> Self {
+        Self {
+            mode,
+            accounts,
+            settings: RwLock::new(Settings {
+                default_user,
+                default_workdir,
+                ..Settings::default()
+            }),
+            processes: Arc::default(),
+            watchers: crate::watch::WatcherTable::default(),
+            reaper,
+        }
+    }
+
+    /// A snapshot of the current settings.
+    pub fn settings(&self) -> Settings {
+        match self.settings.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Changes the settings under the write lock.
+    pub fn update_settings<R>(&self, f: impl FnOnce(&mut Settings) -> R) -> R {
+        match self.settings.write() {
+            Ok(mut s) => f(&mut s),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// The current access token, if any.
+    pub fn access_token(&self) -> Option<String> {
+        match self.settings.read() {
+            Ok(s) => s.access_token.clone(),
+            Err(poisoned) => poisoned.into_inner().access_token.clone(),
+        }
+    }
+
+    /// Resolves the user a request acts as: the named one, or the default.
+    pub fn resolve_user(&self, name: Option<&str>) -> Result<User, UserError> {
+        match name.filter(|n| !n.is_empty()) {
+            Some(n) => self.accounts.by_name(n),
+            None => {
+                let default = self.settings().default_user;
+                self.accounts.by_name(&default)
+            }
+        }
+    }
+
+    /// The directory relative paths and spawned processes start from for `user`.
+    pub fn workdir_for(&self, user: &User) -> PathBuf {
+        match self.settings().default_workdir {
+            Some(dir) if dir.is_dir() => dir,
+            _ => user.home.clone(),
+        }
+    }
+
+    /// Resolves a request path: `~` and `~/x` against the user's home, relative paths against
+    /// the default workdir (else the home), then lexically normalized.
+    pub fn resolve_path(&self, raw: &str, user: &User) -> PathBuf {
+        let joined = if raw == "~" {
+            user.home.clone()
+        } else if let Some(rest) = raw.strip_prefix("~/") {
+            user.home.join(rest)
+        } else if Path::new(raw).is_absolute() {
+            PathBuf::from(raw)
+        } else {
+            self.workdir_for(user).join(raw)
+        };
+        normalize(&joined)
+    }
+}
+
+/// Lexical normalization (`.` and `..` folded), without touching the filesystem so that paths
+/// that do not exist yet still resolve.
+pub fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::RootDir | Component::Prefix(_) | Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(p) => out.push(p),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_lexically() {
+        assert_eq!(normalize(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
+        assert_eq!(normalize(Path::new("/../..")), PathBuf::from("/"));
+        assert_eq!(normalize(Path::new("/x//y/")), PathBuf::from("/x/y"));
+    }
+}

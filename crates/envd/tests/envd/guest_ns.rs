@@ -1,0 +1,292 @@
+//! Guest mode, as PID 1 of fresh PID, mount and UTS namespaces, chrooted into a tmpfs root:
+//! mounts, hostname, resolv.conf, reaping orphans without stealing exit statuses, PTYs, and the
+//! SIGTERM shutdown (in a child PID namespace, `reboot(POWER_OFF)` ends just the namespace, by
+//! SIGINT to its init).
+//!
+//! Never send `/init` a timestamp here: the realtime clock is not namespaced.
+
+use std::io::BufRead;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use firkin_envd::client::Client;
+use serde_json::json;
+
+use crate::common::*;
+
+/// Copies `bin` and the shared libraries `ldd` names into `root`, at their real paths.
+fn install(root: &Path, bin: &Path) {
+    let mut files = vec![bin.to_owned()];
+    let out = Command::new("ldd").arg(bin).output().unwrap();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = match line.split("=>").nth(1) {
+            Some(rest) => rest.split_whitespace().next().unwrap_or(""),
+            None => line.split_whitespace().next().unwrap_or(""),
+        };
+        if path.starts_with('/') {
+            files.push(PathBuf::from(path));
+        }
+    }
+    for f in files {
+        let real = f.canonicalize().unwrap();
+        let dst = root.join(real.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(&real, &dst).unwrap();
+        // The name the loader or the ELF interpreter field uses may be a link (e.g.
+        // /lib64/ld-linux-x86-64.so.2); recreate it.
+        let named = root.join(f.strip_prefix("/").unwrap());
+        if !named.exists() {
+            std::fs::create_dir_all(named.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(&real, &named).unwrap();
+        }
+    }
+}
+
+fn stage(envd: &Path) -> tempfile::TempDir {
+    let stage = tempfile::Builder::new()
+        .prefix("firkin-guest-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let root = stage.path().join("stage");
+    std::fs::create_dir_all(root.join("usr")).unwrap();
+    // Mirror the host's merged-/usr links so /bin/bash resolves inside the chroot.
+    for link in ["bin", "lib", "lib64", "sbin"] {
+        let host = Path::new("/").join(link);
+        match std::fs::read_link(&host) {
+            Ok(target) => {
+                std::fs::create_dir_all(root.join(&target)).unwrap();
+                std::os::unix::fs::symlink(target, root.join(link)).unwrap();
+            }
+            Err(_) => std::fs::create_dir_all(root.join(link)).unwrap(),
+        }
+    }
+    for bin in ["bash", "sh", "sleep", "cat", "id", "tty"] {
+        let path = which(bin);
+        install(&root, &path);
+        let at = root.join("bin").join(bin);
+        if !at.exists() {
+            std::os::unix::fs::symlink(path.canonicalize().unwrap(), at).unwrap();
+        }
+    }
+    install(&root, envd);
+    std::fs::copy(envd, root.join("firkin-envd")).unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/bash\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("etc/group"),
+        "root:x:0:\ntty:x:5:\nuser:x:1000:\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("root")).unwrap();
+    std::fs::create_dir_all(root.join("home/user")).unwrap();
+    std::os::unix::fs::chown(root.join("home/user"), Some(1000), Some(1000)).unwrap();
+    stage
+}
+
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn which(bin: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
+        let p = Path::new(dir).join(bin);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{bin} not found");
+}
+
+#[tokio::test]
+async fn guest_mode_as_pid1_in_namespaces() {
+    if !is_root() {
+        eprintln!("skipped: guest mode needs root (namespaces, mounts)");
+        return;
+    }
+    // FIRKIN_ENVD_GUEST_BIN runs the same checks against another build, e.g. the static
+    // guest binary.
+    let bin = std::env::var_os("FIRKIN_ENVD_GUEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_firkin-envd")));
+    let stage = stage(&bin);
+    let root = stage.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let script = format!(
+        "set -e; mount -t tmpfs -o size=256m,mode=0755 tmpfs '{root}'; cp -a '{stage}/.' '{root}/'; \
+         exec chroot '{root}' /firkin-envd --guest --listen 127.0.0.1:0 --log info",
+        root = root.display(),
+        stage = stage.path().join("stage").display(),
+    );
+    let mut ns = Command::new("unshare")
+        .args([
+            "--fork",
+            // If the test fails midway, killing unshare takes the namespace down with it.
+            "--kill-child",
+            "--pid",
+            "--mount",
+            "--uts",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = ns.stdout.take().unwrap();
+    let mut ns = KillOnDrop(Some(ns));
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .to_owned();
+    let anon = Client::new(&url).unwrap();
+    anon.wait_healthy(Duration::from_secs(10)).await.unwrap();
+    anon.init(&json!({"accessToken": TOKEN})).await.unwrap();
+    let c = anon.clone().with_token(TOKEN);
+
+    let text = |out: firkin_envd::client::RunOutput| String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text(c.run("id -un; pwd").await.unwrap()),
+        "user\n/home/user\n",
+        "the default user is `user` when it exists"
+    );
+
+    let mounts = text(c.run("cat /proc/self/mountinfo").await.unwrap());
+    for (target, fstype) in [
+        ("/proc", "proc"),
+        ("/sys", "sysfs"),
+        ("/dev", "devtmpfs"),
+        ("/dev/pts", "devpts"),
+        ("/dev/shm", "tmpfs"),
+        ("/run", "tmpfs"),
+        ("/tmp", "tmpfs"),
+    ] {
+        assert!(
+            mounts.lines().any(|l| {
+                let f: Vec<_> = l.split(' ').collect();
+                f.get(4) == Some(&target)
+                    && l.split(" - ").nth(1).is_some_and(|r| r.starts_with(fstype))
+            }),
+            "{target} ({fstype}) not mounted:\n{mounts}"
+        );
+    }
+    assert!(mounts.contains("ptmxmode=666"), "{mounts}");
+    assert_eq!(
+        text(c.run("cat /proc/sys/kernel/hostname").await.unwrap()),
+        "firkin\n"
+    );
+    assert_eq!(
+        text(c.run("cat /etc/resolv.conf").await.unwrap()),
+        "nameserver 10.0.2.3\n"
+    );
+    assert!(text(c.run("cat /etc/hosts").await.unwrap()).contains("firkin"));
+    assert_eq!(
+        text(c.run("echo $(</proc/1/comm)").await.unwrap()),
+        "firkin-envd\n"
+    );
+
+    // Orphans (the backgrounded sleeps) are reparented to envd; reaping them must not steal
+    // the exit statuses of envd's own children.
+    let runs = (0..16).map(|i| {
+        let c = c.clone();
+        async move {
+            (
+                i,
+                c.run(&format!("sleep 0.2 & sleep 0.1 & exit {i}"))
+                    .await
+                    .unwrap(),
+            )
+        }
+    });
+    for (i, out) in futures::future::join_all(runs).await {
+        assert_eq!(out.exit_code, i, "exit status of run {i}: {out:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let states = text(
+        c.run("for f in /proc/[0-9]*/stat; do read -r l < $f && echo \"${l##*) }\"; done")
+            .await
+            .unwrap(),
+    );
+    let zombies: Vec<_> = states.lines().filter(|l| l.starts_with('Z')).collect();
+    assert!(zombies.is_empty(), "zombies left: {zombies:?}");
+
+    // PTYs work on the fresh devpts instance.
+    let mut s = c
+        .server_stream(
+            "process.Process/Start",
+            &json!({"process": {"cmd": "/bin/tty"}, "pty": {"size": {"cols": 80, "rows": 24}}}),
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut pty = vec![];
+    while let Some(v) = s.next_json().await.unwrap() {
+        pty.extend(unb64(&v["event"]["data"]["pty"]));
+    }
+    assert!(
+        String::from_utf8_lossy(&pty).starts_with("/dev/pts/"),
+        "{pty:?}"
+    );
+
+    c.init(&json!({"hostname": "renamed"})).await.unwrap();
+    assert_eq!(
+        text(c.run("cat /proc/sys/kernel/hostname").await.unwrap()),
+        "renamed\n"
+    );
+
+    // A long-running process, then SIGTERM to envd (PID 1 inside).
+    let mut long = c
+        .server_stream(
+            "process.Process/Start",
+            &json!({"process": {"cmd": "/bin/sleep", "args": ["300"]}}),
+            &[],
+        )
+        .await
+        .unwrap();
+    long.next_json().await.unwrap();
+    let mut ns = ns.0.take().unwrap();
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", ns.id())).unwrap();
+    let init_pid: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(init_pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        for _ in 0..200 {
+            if let Some(st) = ns.try_wait().unwrap() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = ns.kill();
+        None
+    })
+    .await
+    .unwrap()
+    .expect("namespace did not shut down within 10 s");
+    // unshare re-raises the signal that ended its child: SIGINT is what reboot(POWER_OFF)
+    // delivers to the init of a child PID namespace.
+    assert_eq!(status.signal(), Some(libc::SIGINT), "{status:?}");
+}
