@@ -1,1 +1,0 @@
-//! The firkin command line: serve, doctor, template, sandbox, bench.

@@ -1,0 +1,78 @@
+//! `firkin`: run the server, check the host, manage templates and sandboxes.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod client;
+mod doctor;
+mod sandbox;
+mod serve;
+mod template;
+
+/// Self-hosted sandboxes for AI agents that the official E2B SDKs drive unchanged.
+///
+/// Start the server, point the SDK at it, create sandboxes:
+///
+///   firkin serve
+///   export E2B_API_URL=http://127.0.0.1:3000 E2B_SANDBOX_URL=http://127.0.0.1:3000
+///   export E2B_API_KEY=<the key firkin serve printed>
+///   python -c 'from e2b import Sandbox; print(Sandbox.create().commands.run("uname -a").stdout)'
+#[derive(Debug, Parser)]
+#[command(name = "firkin", version, about, long_about, verbatim_doc_comment)]
+struct Cli {
+    /// Log filter (tracing syntax), e.g. `info`, `firkin_server=debug`.
+    #[arg(long, env = "FIRKIN_LOG", default_value = "info", global = true)]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Serve(serve::ServeArgs),
+    Doctor(doctor::DoctorArgs),
+    #[command(subcommand)]
+    Template(template::TemplateCommand),
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("firkin: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("firkin: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Serve(args) => serve::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Doctor(args) => doctor::run(args).await,
+        Command::Template(cmd) => template::run(cmd).await,
+        Command::Sandbox(cmd) => sandbox::run(cmd).await,
+    }
+}

@@ -1,0 +1,356 @@
+//! `firkin serve`.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use firkin_artifacts::DigestCache;
+use firkin_runtime::{FirkinPaths, RuntimeConfig, SandboxRuntime};
+use firkin_server::types::BuildTemplateRequest;
+use firkin_server::{
+    ApiKeySetup, BuildProgress, CapacityPolicy, EnsureTemplate, HostResources, Server,
+    ServerConfig, TemplateBuilder,
+};
+use firkin_types::Size;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Which VM backend runs sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// QEMU microVMs restored from template snapshots.
+    Qemu,
+    /// Host processes, NO ISOLATION: each sandbox is a `firkin-envd` on this machine running
+    /// as your user. For developing and testing firkin itself only.
+    Process,
+}
+
+/// Serve the E2B API and the sandbox proxy on one address.
+///
+/// The first start creates an API key, prints it and saves it (mode 0600) in the state
+/// directory for the `firkin` client commands; set FIRKIN_API_KEY to choose your own. The
+/// default template `base` is built on first use. Running sandboxes stop with the server;
+/// paused ones stay paused and resumable.
+///
+/// Examples:
+///
+///   firkin serve
+///   firkin serve --listen 0.0.0.0:3000 --domain sandbox.example.com
+///   FIRKIN_API_KEY=$(openssl rand -hex 24) firkin serve --warm-pool base=4,python=1
+///   firkin serve --cpu-overcommit 4 --memory-overcommit 1.0 --queue 16
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct ServeArgs {
+    /// Address to listen on (control plane and sandbox plane).
+    #[arg(long, env = "FIRKIN_LISTEN", default_value = "127.0.0.1:3000")]
+    listen: SocketAddr,
+
+    /// Sandbox backend.
+    #[arg(long, value_enum, env = "FIRKIN_BACKEND", default_value_t = Backend::Qemu)]
+    backend: Backend,
+
+    /// State directory: database, run directories, paused sandboxes [default: ~/.firkin/state].
+    #[arg(long, env = "FIRKIN_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// Cache directory: guest kernel, templates [default: ~/.firkin/cache].
+    #[arg(long, env = "FIRKIN_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+
+    /// Domain for `{port}-{sandboxID}.{domain}` host routing (wildcard DNS and TLS in front);
+    /// also returned to SDKs as the sandbox domain.
+    #[arg(long, env = "FIRKIN_DOMAIN")]
+    domain: Option<String>,
+
+    /// vCPUs sandboxes may commit per host CPU.
+    #[arg(long, env = "FIRKIN_CPU_OVERCOMMIT", default_value_t = 16.0)]
+    cpu_overcommit: f64,
+
+    /// Guest RAM sandboxes may commit per byte of host RAM (clones share template pages).
+    #[arg(long, env = "FIRKIN_MEMORY_OVERCOMMIT", default_value_t = 1.5)]
+    memory_overcommit: f64,
+
+    /// Host RAM kept out of the sandboxes' capacity, in MiB.
+    #[arg(long, env = "FIRKIN_MEMORY_RESERVE_MIB", default_value_t = 2048)]
+    memory_reserve_mib: u64,
+
+    /// Free disk that must remain before a sandbox starts, in GiB.
+    #[arg(long, env = "FIRKIN_DISK_FLOOR_GIB", default_value_t = 10)]
+    disk_floor_gib: u64,
+
+    /// Creates that may wait for capacity; past this they get 429 at once.
+    #[arg(long, env = "FIRKIN_QUEUE", default_value_t = 64)]
+    queue: usize,
+
+    /// Seconds a create waits for capacity before it gets 503.
+    #[arg(long, env = "FIRKIN_QUEUE_WAIT_SECS", default_value_t = 30)]
+    queue_wait_secs: u64,
+
+    /// Restored sandboxes kept ready per template, e.g. `base=2,python=1` [default: base=1].
+    #[arg(
+        long = "warm-pool",
+        value_name = "TEMPLATE=DEPTH",
+        env = "FIRKIN_WARM_POOL",
+        value_delimiter = ','
+    )]
+    warm_pool: Vec<String>,
+
+    /// Longest lifetime a sandbox may ask for, in seconds.
+    #[arg(long, env = "FIRKIN_MAX_TIMEOUT_SECS", default_value_t = 86_400)]
+    max_timeout_secs: u64,
+
+    /// Do not build the default template `base` at start.
+    #[arg(long)]
+    no_default_template: bool,
+
+    /// Agent binary for `--backend process` [default: `firkin-envd` next to this binary, else
+    /// on PATH].
+    #[arg(long, env = "FIRKIN_ENVD_BIN")]
+    envd_bin: Option<PathBuf>,
+}
+
+fn warm_pools(specs: &[String]) -> Result<BTreeMap<String, usize>> {
+    if specs.is_empty() {
+        return Ok(BTreeMap::from([("base".to_owned(), 1)]));
+    }
+    specs
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            let (t, d) = s
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--warm-pool {s:?}: expected TEMPLATE=DEPTH"))?;
+            let depth = d
+                .trim()
+                .parse::<usize>()
+                .with_context(|| format!("--warm-pool {s:?}: depth is not a number"))?;
+            Ok((t.trim().to_owned(), depth))
+        })
+        .collect()
+}
+
+fn envd_binary(explicit: Option<PathBuf>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p;
+    }
+    if let Some(sibling) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("firkin-envd")))
+        .filter(|p| p.is_file())
+    {
+        return sibling;
+    }
+    PathBuf::from("firkin-envd")
+}
+
+pub fn resolve_paths(state: Option<PathBuf>, cache: Option<PathBuf>) -> Result<FirkinPaths> {
+    let defaults = FirkinPaths::from_env();
+    let pick = |given: Option<PathBuf>, fallback: Option<PathBuf>, what: &str| -> Result<PathBuf> {
+        match given {
+            Some(p) if p.is_absolute() => Ok(p),
+            Some(p) => Ok(std::env::current_dir()?.join(p)),
+            None => fallback.ok_or_else(|| {
+                anyhow!("cannot find a {what} directory: set HOME or pass --{what}-dir")
+            }),
+        }
+    };
+    let (ds, dc) = match &defaults {
+        Ok(p) => (
+            Some(p.state_dir().to_path_buf()),
+            Some(p.cache_dir().to_path_buf()),
+        ),
+        Err(_) => (None, None),
+    };
+    Ok(FirkinPaths::new(
+        pick(state, ds, "state")?,
+        pick(cache, dc, "cache")?,
+    ))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop firkin with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+pub async fn run(args: ServeArgs) -> Result<()> {
+    let paths = resolve_paths(args.state_dir.clone(), args.cache_dir.clone())?;
+    std::fs::create_dir_all(paths.state_dir())
+        .with_context(|| format!("creating {}", paths.state_dir().display()))?;
+    let host = HostResources::probe(paths.state_dir())?;
+    let policy = CapacityPolicy {
+        cpu_overcommit: args.cpu_overcommit,
+        memory_overcommit: args.memory_overcommit,
+        memory_reserve: Size::mib(args.memory_reserve_mib),
+        disk_reserve: Size::gib(args.disk_floor_gib),
+    };
+    let capacity = policy.capacity(host);
+    tracing::info!(
+        host_cpus = host.cpus,
+        host_memory_mib = host.memory.as_mib(),
+        free_disk_gib = host.free_disk.as_bytes() >> 30,
+        %capacity,
+        "capacity"
+    );
+    let mut rc = RuntimeConfig::new(capacity);
+    rc.queue = firkin_admission::QueuePolicy {
+        max_pending: args.queue,
+    };
+    rc.queue_wait = Duration::from_secs(args.queue_wait_secs);
+    rc.restore_disk_floor = Size::gib(args.disk_floor_gib);
+    rc.warm_pool_disk_floor = rc.warm_pool_disk_floor.max(rc.restore_disk_floor);
+    let cache = Arc::new(DigestCache::persistent(paths.digest_cache()));
+
+    let mut config = ServerConfig::new(paths.clone());
+    config.domain = args.domain.clone();
+    config.max_timeout = Duration::from_secs(args.max_timeout_secs.max(1));
+    config.warm_pools = warm_pools(&args.warm_pool)?;
+
+    let server = match args.backend {
+        Backend::Process => {
+            tracing::warn!(
+                "--backend process: sandboxes are plain processes on this host with NO isolation"
+            );
+            let launcher = firkin_server::process::ProcessLauncher::new(
+                envd_binary(args.envd_bin.clone()),
+                paths.sandboxes_dir(),
+            );
+            let builder: Arc<dyn TemplateBuilder> =
+                Arc::new(firkin_server::process::ProcessTemplateBuilder);
+            Server::open(config, SandboxRuntime::new(launcher, rc, cache), builder)?
+        }
+        Backend::Qemu => bail!(
+            "the QEMU backend is not wired into this build yet (firkin_runtime's QEMU launcher \
+             is still being written); run `firkin serve --backend process` to develop against \
+             host processes without isolation"
+        ),
+    };
+    let recovery = server.recovery();
+    if !recovery.removed_sandboxes.is_empty() || recovery.killed_processes > 0 {
+        tracing::warn!(
+            removed = recovery.removed_sandboxes.len(),
+            killed = recovery.killed_processes,
+            "sandboxes that were running when firkin last stopped are gone"
+        );
+    }
+    if recovery.kept_paused > 0 {
+        tracing::info!(paused = recovery.kept_paused, "paused sandboxes kept");
+    }
+
+    let env_key = std::env::var("FIRKIN_API_KEY").ok();
+    let key = server.ensure_api_key(env_key.as_deref())?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "listening on {} (is another server using it? `firkin doctor` checks)",
+                args.listen
+            )
+        })?;
+    let local = listener.local_addr()?;
+
+    let ensure = if args.no_default_template {
+        None
+    } else {
+        Some(server.ensure_template(BuildTemplateRequest {
+            template_id: firkin_server::app::DEFAULT_TEMPLATE.to_owned(),
+            ..BuildTemplateRequest::default()
+        })?)
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            _ = stop_rx => {}
+        }
+    };
+    let serving = tokio::spawn(server.serve(listener, shutdown));
+    tracing::info!(%local, "listening");
+
+    match ensure {
+        Some(EnsureTemplate::Building { build_id, progress }) => {
+            eprintln!("Building the default template `base` (first start; build {build_id})…");
+            if let Err(reason) = follow_build(&progress).await {
+                let _ = stop_tx.send(());
+                let _ = serving.await;
+                bail!("building the default template failed: {reason}\n(run `firkin doctor`)");
+            }
+        }
+        Some(EnsureTemplate::Adopted { build_id }) => {
+            tracing::info!(%build_id, "using the cached build of `base`");
+        }
+        Some(EnsureTemplate::Ready) | None => {}
+    }
+    print_banner(local, &key);
+    serving
+        .await
+        .map_err(|e| anyhow!("the server task failed: {e}"))??;
+    Ok(())
+}
+
+/// Shows a build's progress until it ends.
+pub async fn follow_build(progress: &BuildProgress) -> Result<(), String> {
+    let bar = ProgressBar::new(1000);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg:30} [{bar:30}] {percent:>3}% {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let mut shown = 0;
+    loop {
+        let s = progress.snapshot();
+        for line in s.logs.iter().skip(shown) {
+            bar.println(format!("  {line}"));
+        }
+        shown = s.logs.len();
+        bar.set_message(s.phase.clone());
+        bar.set_position((f64::from(s.fraction) * 1000.0) as u64);
+        if let Some(done) = s.done {
+            match &done {
+                Ok(()) => bar.finish_with_message("template ready"),
+                Err(_) => bar.abandon_with_message("build failed"),
+            }
+            return done;
+        }
+        progress.changed().await;
+    }
+}
+
+fn print_banner(local: SocketAddr, key: &ApiKeySetup) {
+    let host = match local.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        ip => ip,
+    };
+    let url = match host {
+        IpAddr::V6(ip) => format!("http://[{ip}]:{}", local.port()),
+        IpAddr::V4(ip) => format!("http://{ip}:{}", local.port()),
+    };
+    let key_line = match key {
+        ApiKeySetup::Generated(k) => {
+            format!("export E2B_API_KEY={k}   # new key, shown once; also saved for the firkin CLI")
+        }
+        ApiKeySetup::Existing(Some(k)) => format!("export E2B_API_KEY={k}"),
+        ApiKeySetup::Existing(None) => {
+            "export E2B_API_KEY=<the key printed at the first start>".to_owned()
+        }
+        ApiKeySetup::FromEnv => "export E2B_API_KEY=\"$FIRKIN_API_KEY\"".to_owned(),
+    };
+    println!(
+        "\nfirkin is ready on {url}\n\nPoint the E2B SDK at it:\n\n  export E2B_API_URL={url}\n  \
+         export E2B_SANDBOX_URL={url}\n  {key_line}\n\n  python -c 'from e2b import Sandbox; \
+         print(Sandbox.create().commands.run(\"echo hello\").stdout)'\n"
+    );
+}

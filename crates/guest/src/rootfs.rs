@@ -1,0 +1,344 @@
+//! Root filesystem images: ext4 made with `mkfs.ext4 -d DIR` (no loop mounts, no root needed
+//! for the image itself), from a Debian suite (mmdebstrap), an OCI image archive, or a
+//! directory.
+
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{GuestError, Result};
+use crate::tool::{run, run_streaming};
+use crate::{Progress, ProgressFn};
+
+/// An unprivileged user to create in a Debian template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSpec {
+    pub name: String,
+    pub uid: u32,
+    /// Member of `sudo` with `NOPASSWD`, as E2B's `user` is.
+    pub sudo: bool,
+}
+
+/// Where a root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum RootfsSource {
+    /// `mmdebstrap --variant=minbase --include=PACKAGES SUITE`.
+    Debian {
+        suite: String,
+        packages: Vec<String>,
+        /// Apt mirror; `None` uses mmdebstrap's default (deb.debian.org).
+        mirror: Option<String>,
+        user: Option<UserSpec>,
+    },
+    /// A `docker save` tar or an OCI image layout tar.
+    Oci { archive: PathBuf },
+    /// A directory used as is (read, never modified).
+    Directory { path: PathBuf },
+}
+
+/// The default template `base`: bookworm with what E2B's base image offers.
+pub fn base_template() -> RootfsSource {
+    RootfsSource::Debian {
+        suite: "bookworm".into(),
+        packages: [
+            "python3",
+            "ca-certificates",
+            "curl",
+            "git",
+            "sudo",
+            "procps",
+            "iproute2",
+        ]
+        .map(String::from)
+        .to_vec(),
+        mirror: None,
+        user: Some(UserSpec {
+            name: "user".into(),
+            uid: 1000,
+            sudo: true,
+        }),
+    }
+}
+
+/// How the image is sized and labelled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageOptions {
+    /// Free space added on top of the content, in MiB.
+    pub headroom_mib: u64,
+    /// Extra fraction of the content size, in percent (ext4 metadata, journal).
+    pub headroom_percent: u64,
+    /// Smallest image, in MiB.
+    pub min_mib: u64,
+    pub label: String,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        ImageOptions {
+            headroom_mib: 1024,
+            headroom_percent: 20,
+            min_mib: 128,
+            label: "firkin-root".into(),
+        }
+    }
+}
+
+/// What was built.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootfsInfo {
+    pub image: PathBuf,
+    pub content_bytes: u64,
+    pub image_bytes: u64,
+}
+
+/// Builds `out` (an ext4 image) from `source`, using `scratch` (created, then removed) for
+/// intermediate trees. `out` appears only when complete.
+pub fn build_rootfs(
+    source: &RootfsSource,
+    scratch: &Path,
+    out: &Path,
+    opts: &ImageOptions,
+    progress: ProgressFn<'_>,
+) -> Result<RootfsInfo> {
+    let _ = std::fs::remove_dir_all(scratch);
+    std::fs::create_dir_all(scratch).map_err(GuestError::io("creating", scratch))?;
+    let result = build_in(source, scratch, out, opts, progress);
+    let _ = std::fs::remove_dir_all(scratch);
+    result
+}
+
+fn build_in(
+    source: &RootfsSource,
+    scratch: &Path,
+    out: &Path,
+    opts: &ImageOptions,
+    progress: ProgressFn<'_>,
+) -> Result<RootfsInfo> {
+    let tree = match source {
+        RootfsSource::Directory { path } => path.clone(),
+        RootfsSource::Debian {
+            suite,
+            packages,
+            mirror,
+            user,
+        } => {
+            let tree = scratch.join("tree");
+            mmdebstrap(
+                suite,
+                packages,
+                mirror.as_deref(),
+                user.as_ref(),
+                &tree,
+                progress,
+            )?;
+            finish_tree(&tree)?;
+            tree
+        }
+        RootfsSource::Oci { archive } => {
+            let tree = scratch.join("tree");
+            std::fs::create_dir_all(&tree).map_err(GuestError::io("creating", &tree))?;
+            crate::oci::unpack_image(archive, scratch, &tree, progress)?;
+            finish_tree(&tree)?;
+            tree
+        }
+    };
+    dir_to_ext4(&tree, out, opts, progress)
+}
+
+/// Files every firkin guest needs and images often lack: DNS for QEMU's user-mode network,
+/// a hostname, `/etc/hosts`, and the mount points envd and init use.
+fn finish_tree(tree: &Path) -> Result<()> {
+    let write = |rel: &str, text: &str| {
+        let p = tree.join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(GuestError::io("creating", parent))?;
+        }
+        // A dangling symlink (e.g. resolv.conf → systemd-resolved) would send the write
+        // outside the tree; replace it with a file.
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(&p).map_err(GuestError::io("removing", &p))?;
+        }
+        std::fs::write(&p, text).map_err(GuestError::io("writing", &p))
+    };
+    write("etc/resolv.conf", "nameserver 10.0.2.3\n")?;
+    write("etc/hostname", "firkin\n")?;
+    write(
+        "etc/hosts",
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tfirkin\n",
+    )?;
+    for dir in ["dev", "proc", "sys", "run", "tmp"] {
+        let p = tree.join(dir);
+        if std::fs::symlink_metadata(&p).is_err() {
+            std::fs::create_dir_all(&p).map_err(GuestError::io("creating", &p))?;
+        }
+    }
+    Ok(())
+}
+
+fn mmdebstrap(
+    suite: &str,
+    packages: &[String],
+    mirror: Option<&str>,
+    user: Option<&UserSpec>,
+    tree: &Path,
+    progress: ProgressFn<'_>,
+) -> Result<()> {
+    let mut args: Vec<OsString> = vec![
+        "--variant=minbase".into(),
+        // Documentation and translations only cost image size.
+        "--dpkgopt=path-exclude=/usr/share/man/*".into(),
+        "--dpkgopt=path-exclude=/usr/share/doc/*".into(),
+        "--dpkgopt=path-include=/usr/share/doc/*/copyright".into(),
+        "--dpkgopt=path-exclude=/usr/share/locale/*".into(),
+        "--dpkgopt=path-exclude=/usr/share/info/*".into(),
+    ];
+    if !packages.is_empty() {
+        if let Some(bad) = packages
+            .iter()
+            .find(|p| p.is_empty() || p.contains([',', ' ']))
+        {
+            return Err(GuestError::BadOption(format!("bad package name {bad:?}")));
+        }
+        args.push(format!("--include={}", packages.join(",")).into());
+    }
+    if let Some(u) = user {
+        if u.name.is_empty()
+            || !u
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(GuestError::BadOption(format!("bad user name {:?}", u.name)));
+        }
+        let groups = if u.sudo { " -G sudo" } else { "" };
+        args.push(
+            format!(
+                "--customize-hook=chroot \"$1\" useradd -m -u {uid} -U -s /bin/bash{groups} {name}",
+                uid = u.uid,
+                name = u.name
+            )
+            .into(),
+        );
+        if u.sudo {
+            args.push(
+                format!(
+                    "--customize-hook=echo '{name} ALL=(ALL:ALL) NOPASSWD: ALL' > \"$1/etc/sudoers.d/{name}\" && chmod 0440 \"$1/etc/sudoers.d/{name}\"",
+                    name = u.name
+                )
+                .into(),
+            );
+        }
+    }
+    args.push(suite.into());
+    args.push(tree.into());
+    if let Some(m) = mirror {
+        args.push(m.into());
+    }
+    let refs: Vec<&OsStr> = args.iter().map(OsString::as_os_str).collect();
+    let mut lines = 0u64;
+    progress(&Progress::step("mmdebstrap", format!("mmdebstrap {suite}")));
+    run_streaming("mmdebstrap", &refs, &mut |line| {
+        lines += 1;
+        progress(&Progress {
+            phase: "mmdebstrap".into(),
+            done: lines,
+            total: None,
+            message: line.to_string(),
+        });
+    })
+}
+
+/// Bytes a tree occupies (file sizes rounded up to 4 KiB blocks, plus one block per inode).
+pub fn tree_size(dir: &Path) -> Result<u64> {
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(GuestError::io("listing", &d))? {
+            let e = e.map_err(GuestError::io("listing", &d))?;
+            let meta = e
+                .path()
+                .symlink_metadata()
+                .map_err(GuestError::io("inspecting", e.path()))?;
+            total += 4096;
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else if meta.is_file() {
+                total += meta.len().div_ceil(4096) * 4096;
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Makes an ext4 image of `dir` at `out`, sized content + headroom.
+pub fn dir_to_ext4(
+    dir: &Path,
+    out: &Path,
+    opts: &ImageOptions,
+    progress: ProgressFn<'_>,
+) -> Result<RootfsInfo> {
+    if !dir.is_dir() {
+        return Err(GuestError::BadOption(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
+    let content = tree_size(dir)?;
+    let mib = 1024 * 1024;
+    let size = (content + content * opts.headroom_percent / 100 + opts.headroom_mib * mib)
+        .div_ceil(mib)
+        .max(opts.min_mib)
+        * mib;
+    progress(&Progress {
+        phase: "mkfs.ext4".into(),
+        done: 0,
+        total: Some(size),
+        message: format!("{} MiB content → {} MiB image", content / mib, size / mib),
+    });
+    let tmp = out.with_extension("partial");
+    let _ = std::fs::remove_file(&tmp);
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent).map_err(GuestError::io("creating", parent))?;
+    }
+    let f = std::fs::File::create(&tmp).map_err(GuestError::io("creating", &tmp))?;
+    f.set_len(size).map_err(GuestError::io("sizing", &tmp))?;
+    drop(f);
+    let s = |x: &'static str| OsStr::new(x);
+    let label = OsString::from(&opts.label);
+    run(
+        "mkfs.ext4",
+        &[
+            s("-q"),
+            s("-F"),
+            s("-L"),
+            &label,
+            // No reserved blocks (there is no root daemon to protect), files owned as in the
+            // tree, and no discards on a file we just created sparse.
+            s("-m"),
+            s("0"),
+            s("-E"),
+            s("nodiscard"),
+            s("-d"),
+            dir.as_os_str(),
+            tmp.as_os_str(),
+        ],
+        None,
+    )?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(GuestError::io("syncing", &tmp))?;
+    std::fs::rename(&tmp, out).map_err(GuestError::io("renaming", &tmp))?;
+    progress(&Progress {
+        phase: "mkfs.ext4".into(),
+        done: size,
+        total: Some(size),
+        message: format!("{} ready", out.display()),
+    });
+    Ok(RootfsInfo {
+        image: out.to_path_buf(),
+        content_bytes: content,
+        image_bytes: size,
+    })
+}

@@ -1,0 +1,90 @@
+//! The runtime as the server uses it, behind one object-safe trait.
+//!
+//! The server is generic over the launcher only at its entry ([`crate::Server::open`] takes a
+//! `SandboxRuntime<L>`); everything behind it works with `Arc<dyn Orchestrator>`, so the
+//! handlers are compiled once instead of once per launcher type.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use async_trait::async_trait;
+use firkin_runtime::{
+    CapacityStatus, PausedSandbox, RuntimeError, SandboxExit, SandboxRuntime, SandboxSession,
+    SnapshotSessionLauncher, StartSandbox, StartedSandbox, TemplateSnapshot,
+};
+use firkin_types::SandboxId;
+use tokio::sync::broadcast;
+
+#[async_trait]
+pub trait Orchestrator: Send + Sync + 'static {
+    async fn start(&self, req: StartSandbox) -> Result<StartedSandbox, RuntimeError>;
+    async fn kill(&self, id: &SandboxId) -> Result<(), RuntimeError>;
+    async fn pause(&self, id: &SandboxId, dir: &Path) -> Result<PausedSandbox, RuntimeError>;
+    fn route(&self, id: &SandboxId, guest_port: u16) -> Option<SocketAddr>;
+    fn is_running(&self, id: &SandboxId) -> bool;
+    fn running_ids(&self) -> Vec<SandboxId>;
+    fn pid(&self, id: &SandboxId) -> Option<u32>;
+    fn capacity(&self) -> CapacityStatus;
+    fn exits(&self) -> broadcast::Receiver<SandboxExit>;
+    fn set_warm_pool(&self, template: TemplateSnapshot, depth: usize);
+    /// Starts the warm-pool refill loop (call once).
+    fn spawn_warm_pool(&self);
+    async fn shutdown(&self);
+}
+
+#[async_trait]
+impl<L> Orchestrator for SandboxRuntime<L>
+where
+    L: SnapshotSessionLauncher + Clone + Sync + 'static,
+    L::Session: SandboxSession,
+    L::Error: fmt::Display + Send,
+{
+    async fn start(&self, req: StartSandbox) -> Result<StartedSandbox, RuntimeError> {
+        SandboxRuntime::start(self, req).await
+    }
+
+    async fn kill(&self, id: &SandboxId) -> Result<(), RuntimeError> {
+        SandboxRuntime::kill(self, id).await
+    }
+
+    async fn pause(&self, id: &SandboxId, dir: &Path) -> Result<PausedSandbox, RuntimeError> {
+        SandboxRuntime::pause(self, id, dir).await
+    }
+
+    fn route(&self, id: &SandboxId, guest_port: u16) -> Option<SocketAddr> {
+        SandboxRuntime::route(self, id, guest_port)
+    }
+
+    fn is_running(&self, id: &SandboxId) -> bool {
+        SandboxRuntime::is_running(self, id)
+    }
+
+    fn running_ids(&self) -> Vec<SandboxId> {
+        SandboxRuntime::running_ids(self)
+    }
+
+    fn pid(&self, id: &SandboxId) -> Option<u32> {
+        SandboxRuntime::pid(self, id)
+    }
+
+    fn capacity(&self) -> CapacityStatus {
+        SandboxRuntime::capacity(self)
+    }
+
+    fn exits(&self) -> broadcast::Receiver<SandboxExit> {
+        SandboxRuntime::exits(self)
+    }
+
+    fn set_warm_pool(&self, template: TemplateSnapshot, depth: usize) {
+        SandboxRuntime::set_warm_pool(self, template, depth);
+    }
+
+    fn spawn_warm_pool(&self) {
+        tokio::spawn(self.clone().run_warm_pool());
+    }
+
+    async fn shutdown(&self) {
+        SandboxRuntime::shutdown(self).await;
+    }
+}

@@ -1,0 +1,370 @@
+//! The sandbox plane: requests for a sandbox (by `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers or
+//! a `{port}-{id}.{domain}` host) are streamed to the sandbox's forwarded port, both ways, with
+//! no buffering and no parsing of envd's payloads. Everything else goes to the control plane.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version, header};
+use axum::response::{IntoResponse, Response};
+use firkin_e2b_contract::ENVD_PORT;
+use firkin_types::{PortSandboxHost, SandboxId};
+use hyper_util::rt::TokioIo;
+use tower::ServiceExt;
+
+use crate::api::BodyLimit;
+use crate::app::App;
+use crate::error::{ApiError, sandbox_plane_not_found, sandbox_plane_port_closed};
+
+/// Where a request goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    ControlPlane,
+    Sandbox { id: String, port: u16 },
+}
+
+const SANDBOX_ID: &str = "e2b-sandbox-id";
+const SANDBOX_PORT: &str = "e2b-sandbox-port";
+
+/// Picks the target of a request. A `{port}-{id}.{domain}` host routes by itself (when a
+/// domain is configured, only under that domain); otherwise the `E2b-Sandbox-*` headers do,
+/// which is what happens for `localhost`, IP addresses and `sandbox.<domain>` hosts.
+pub fn target(
+    headers: &HeaderMap,
+    host: Option<&str>,
+    domain: Option<&str>,
+) -> Result<Target, ApiError> {
+    if let Some(h) = host.and_then(|h| PortSandboxHost::parse(h).ok())
+        && domain.is_none_or(|d| h.domain.eq_ignore_ascii_case(d))
+    {
+        return Ok(Target::Sandbox {
+            id: h.sandbox_id.into_string(),
+            port: h.port,
+        });
+    }
+    let Some(id) = headers.get(SANDBOX_ID) else {
+        return Ok(Target::ControlPlane);
+    };
+    let id = id
+        .to_str()
+        .map_err(|_| ApiError::bad_request("E2b-Sandbox-Id is not ASCII"))?
+        .to_owned();
+    let port = match headers.get(SANDBOX_PORT) {
+        None => ENVD_PORT,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u16>().ok())
+            .filter(|p| *p != 0)
+            .ok_or_else(|| ApiError::bad_request("E2b-Sandbox-Port is not a port number"))?,
+    };
+    Ok(Target::Sandbox { id, port })
+}
+
+fn request_host(req: &Request) -> Option<&str> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+}
+
+/// The one service behind the listener.
+pub(crate) async fn dispatch(app: Arc<App>, cp: Router, mut req: Request) -> Response {
+    let tgt = target(
+        req.headers(),
+        request_host(&req),
+        app.config.domain.as_deref(),
+    );
+    match tgt {
+        Ok(Target::ControlPlane) => {
+            req.extensions_mut()
+                .insert(BodyLimit(app.config.body_limit));
+            match cp.oneshot(req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            }
+        }
+        Ok(Target::Sandbox { id, port }) => proxy(&app, req, &id, port).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn proxy(app: &Arc<App>, req: Request, raw_id: &str, port: u16) -> Response {
+    let Ok(id) = SandboxId::new(raw_id) else {
+        return sandbox_plane_not_found(raw_id, None);
+    };
+    let addr = match app.rt.route(&id, port) {
+        Some(addr) => addr,
+        None => match route_slow(app, &id, port).await {
+            Ok(addr) => addr,
+            Err(resp) => return resp,
+        },
+    };
+    forward(app, req, addr, &id, port).await
+}
+
+/// The sandbox has no route right now: it is paused (resume it if it asked for that), being
+/// paused or resumed (wait for that), gone, or running without that port.
+async fn route_slow(app: &Arc<App>, id: &SandboxId, port: u16) -> Result<SocketAddr, Response> {
+    // Waiting for the sandbox lock lets an in-flight pause or resume finish first.
+    match app.auto_resume(id).await {
+        Ok(true) => {}
+        Ok(false) => {
+            let paused = matches!(
+                app.store.sandbox(id),
+                Ok(Some(r)) if r.state == crate::store::RecordState::Paused
+            );
+            let detail = paused.then_some("it is paused; connect to resume it");
+            return Err(sandbox_plane_not_found(id.as_str(), detail));
+        }
+        Err(e) if e.status == StatusCode::NOT_FOUND => {
+            return Err(sandbox_plane_not_found(id.as_str(), None));
+        }
+        Err(e) => return Err(e.into_response()),
+    }
+    app.rt
+        .route(id, port)
+        .ok_or_else(|| sandbox_plane_port_closed(id.as_str(), port))
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1). Never forwarded.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        headers.remove(n);
+    }
+}
+
+/// The `Upgrade` protocol of a request asking to switch protocols (WebSocket), if any.
+fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
+    let wants = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if wants {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+async fn forward(
+    app: &Arc<App>,
+    mut req: Request,
+    addr: SocketAddr,
+    id: &SandboxId,
+    port: u16,
+) -> Response {
+    let upgrade = upgrade_of(req.headers());
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    // Only the path and query of the client's request are used: an absolute-form request
+    // (`GET http://elsewhere/ HTTP/1.1`) cannot steer the proxy anywhere else.
+    let Ok(uri) = format!("http://{addr}{path}").parse::<Uri>() else {
+        return ApiError::bad_request("invalid request path").into_response();
+    };
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    // 100-continue was already answered to the client by this server.
+    parts.headers.remove(header::EXPECT);
+    if let Some(proto) = &upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, proto.clone());
+    }
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    let upstream = Request::from_parts(parts, body);
+
+    let resp = match app.client.request(upstream).await {
+        Ok(r) => r,
+        Err(err) => {
+            if err.is_connect() {
+                tracing::debug!(sandbox = %id, port, %err, "sandbox port refused the connection");
+                return sandbox_plane_port_closed(id.as_str(), port);
+            }
+            tracing::warn!(sandbox = %id, port, %err, "proxying to sandbox failed");
+            // The sandbox may have died under the request.
+            if !app.rt.is_running(id) {
+                return sandbox_plane_not_found(id.as_str(), None);
+            }
+            return ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("error talking to sandbox {id} port {port}: {err}"),
+            )
+            .into_response();
+        }
+    };
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let mut resp = resp;
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let (parts, _) = resp.into_parts();
+        let sandbox = id.to_string();
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((c, u)) => {
+                    let mut c = TokioIo::new(c);
+                    let mut u = TokioIo::new(u);
+                    if let Err(err) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                        tracing::debug!(%sandbox, %err, "upgraded connection ended");
+                    }
+                }
+                Err(err) => tracing::debug!(%sandbox, %err, "protocol upgrade failed"),
+            }
+        });
+        return Response::from_parts(parts, Body::empty());
+    }
+
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, Body::new(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn headers_route_on_localhost_and_ips() {
+        let h = headers(&[(SANDBOX_ID, "abc123"), (SANDBOX_PORT, "49999")]);
+        for host in [
+            "localhost:3000",
+            "127.0.0.1:3000",
+            "[::1]:3000",
+            "sandbox.example.com",
+        ] {
+            assert_eq!(
+                target(&h, Some(host), None).unwrap(),
+                Target::Sandbox {
+                    id: "abc123".into(),
+                    port: 49999
+                },
+                "{host}"
+            );
+        }
+        let h = headers(&[(SANDBOX_ID, "abc123")]);
+        assert_eq!(
+            target(&h, Some("localhost"), None).unwrap(),
+            Target::Sandbox {
+                id: "abc123".into(),
+                port: ENVD_PORT
+            }
+        );
+    }
+
+    #[test]
+    fn port_id_hosts_route_by_themselves() {
+        let t = target(
+            &HeaderMap::new(),
+            Some("49983-abc.sb.example.com:443"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            t,
+            Target::Sandbox {
+                id: "abc".into(),
+                port: 49983
+            }
+        );
+        // With a domain configured, only hosts under it.
+        let t = target(
+            &HeaderMap::new(),
+            Some("49983-abc.other.com"),
+            Some("sb.example.com"),
+        )
+        .unwrap();
+        assert_eq!(t, Target::ControlPlane);
+        let t = target(
+            &HeaderMap::new(),
+            Some("49983-abc.SB.example.com"),
+            Some("sb.example.com"),
+        )
+        .unwrap();
+        assert!(matches!(t, Target::Sandbox { .. }));
+    }
+
+    #[test]
+    fn everything_else_is_the_control_plane() {
+        assert_eq!(
+            target(&HeaderMap::new(), Some("localhost:3000"), None).unwrap(),
+            Target::ControlPlane
+        );
+        assert_eq!(
+            target(&HeaderMap::new(), Some("api.example.com"), None).unwrap(),
+            Target::ControlPlane
+        );
+        assert_eq!(
+            target(&HeaderMap::new(), None, None).unwrap(),
+            Target::ControlPlane
+        );
+    }
+
+    #[test]
+    fn bad_ports_are_refused() {
+        for p in ["0", "70000", "x", "-1"] {
+            let mut h = headers(&[(SANDBOX_ID, "abc")]);
+            h.insert(SANDBOX_PORT, HeaderValue::from_static(p));
+            assert!(target(&h, Some("localhost"), None).is_err(), "{p}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("x-access-token", "tok"),
+            ("content-type", "application/connect+json"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(h.contains_key("x-access-token") && h.contains_key("content-type"));
+    }
+}

@@ -1,0 +1,84 @@
+//! The one error type of this crate.
+
+use std::path::PathBuf;
+
+/// What went wrong, with the input it went wrong on.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("starting {program}: {source}")]
+    Spawn {
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the QEMU spawner thread is gone")]
+    SpawnerGone,
+    #[error("QMP connection to QEMU pid {pid}: {source}")]
+    QmpIo { pid: u32, source: std::io::Error },
+    #[error("QMP command {command} on QEMU pid {pid} failed: {message}")]
+    QmpCommand {
+        pid: u32,
+        command: &'static str,
+        message: String,
+    },
+    #[error("migration of QEMU pid {pid} {direction} failed: {message}")]
+    Migration {
+        pid: u32,
+        direction: &'static str,
+        message: String,
+    },
+    #[error(
+        "QEMU pid {pid} exited ({status}) {during}; its stderr:\n{stderr}\nconsole tail ({console}):\n{console_tail}"
+    )]
+    QemuExited {
+        pid: u32,
+        status: String,
+        during: &'static str,
+        stderr: String,
+        console: PathBuf,
+        console_tail: String,
+    },
+    #[error(
+        "envd at {addr} did not answer /health within {secs} s; console tail ({console}):\n{console_tail}"
+    )]
+    HealthTimeout {
+        addr: std::net::SocketAddr,
+        secs: u64,
+        console: PathBuf,
+        console_tail: String,
+    },
+    #[error("{tool} {args} failed ({status}): {stderr}")]
+    Tool {
+        tool: &'static str,
+        args: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("no free loopback TCP port: {0}")]
+    NoPort(std::io::Error),
+    #[error("invalid snapshot {path}: {why}")]
+    BadSnapshot { path: PathBuf, why: String },
+    #[error("{what} timed out after {ms} ms")]
+    Timeout { what: String, ms: u128 },
+    #[error("path {0} is not UTF-8 (QEMU option strings need text)")]
+    NonUtf8Path(PathBuf),
+    #[error("reading memory usage of pid {pid}: {why}")]
+    Memory { pid: u32, why: String },
+}
+
+impl VmmError {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| VmmError::Io { op, path, source }
+    }
+}
+
+pub type Result<T, E = VmmError> = std::result::Result<T, E>;

@@ -1,0 +1,62 @@
+//! The few operations on child processes that need `unsafe`: the code run between fork and exec.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+/// Lowest fd number the pre-fork duplicates get, above every target number we use, so that
+/// `dup2` in the child can never overwrite a source that is still needed.
+const HIGH_FD: RawFd = 64;
+
+/// Duplicates `fd` to a number ≥ [`HIGH_FD`], close-on-exec.
+fn dup_high(fd: &OwnedFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a valid open fd returns a new fd that nobody else owns,
+    // so wrapping it in an OwnedFd is sound.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, HIGH_FD) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: see above; `new` is a fresh fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Arranges for the child to get SIGKILL when the thread that forks it exits, and to inherit
+/// each `(fd, number)` at exactly that number.
+///
+/// The caller must fork from a thread that outlives the child (see `process::Spawner`): Linux
+/// delivers the parent-death signal when the forking *thread* exits.
+pub(crate) fn configure_child(cmd: &mut Command, inherit: Vec<(OwnedFd, RawFd)>) -> io::Result<()> {
+    let parent = std::process::id() as libc::pid_t;
+    let high: Vec<(OwnedFd, RawFd)> = inherit
+        .iter()
+        .map(|(fd, target)| Ok((dup_high(fd)?, *target)))
+        .collect::<io::Result<_>>()?;
+    drop(inherit);
+    let pairs: Vec<(RawFd, RawFd)> = high.iter().map(|(fd, t)| (fd.as_raw_fd(), *t)).collect();
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (prctl, getppid, dup2); it allocates nothing (`pairs` was
+    // built before the fork) and touches no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Keep the duplicates alive (and so valid) until the child has copied them.
+            let _keep = &high;
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl; then nobody would kill us.
+            if libc::getppid() != parent {
+                return Err(io::Error::other("parent exited before exec"));
+            }
+            for &(src, target) in &pairs {
+                // dup2 clears close-on-exec on the target, so exactly these fds are inherited.
+                if libc::dup2(src, target) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}

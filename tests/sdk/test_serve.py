@@ -1,0 +1,474 @@
+"""The official e2b SDK against a live `firkin serve`: control plane, proxy, lifecycle, crash.
+
+Each server runs on a free port with its own temporary state directory and the shared cache
+directory (templates built once are reused). The backend is FIRKIN_TEST_BACKEND: `qemu` (real
+VMs, the default) or `process` (host processes, for developing firkin without VMs).
+tests/sdk/run-serve.sh builds everything and runs this file.
+"""
+
+import concurrent.futures
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from e2b import (
+    AuthenticationException,
+    CommandExitException,
+    FileType,
+    FilesystemEventType,
+    NotFoundException,
+    Sandbox,
+    SandboxException,
+    SandboxQuery,
+    SandboxState,
+)
+from e2b.sandbox.commands.command_handle import PtySize
+
+REPO = Path(__file__).resolve().parents[2]
+FIRKIN = os.environ.get("FIRKIN_BIN", str(REPO / "target" / "debug" / "firkin"))
+BACKEND = os.environ.get("FIRKIN_TEST_BACKEND", "qemu")
+CACHE = os.environ.get("FIRKIN_CACHE_DIR", str(Path.home() / ".firkin" / "cache"))
+# The first start may build the default template (minutes under TCG).
+READY_TIMEOUT = float(os.environ.get("FIRKIN_TEST_READY_TIMEOUT", "1800"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_mentioning(path: str) -> list[int]:
+    """Pids whose command line mentions `path` (VMMs keep their run files in the state dir)."""
+    me = os.getpid()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if path.encode() in cmd and b"firkin\x00serve" not in cmd:
+            out.append(int(entry))
+    return out
+
+
+class Serve:
+    """One `firkin serve` process."""
+
+    def __init__(self, state_dir: str, key: str, port: int | None = None):
+        self.state_dir = state_dir
+        self.key = key
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(os.path.dirname(state_dir), f"serve-{self.port}.log")
+        self.start()
+
+    def start(self):
+        env = dict(os.environ)
+        env.update(
+            FIRKIN_STATE_DIR=self.state_dir,
+            FIRKIN_CACHE_DIR=CACHE,
+            FIRKIN_API_KEY=self.key,
+            FIRKIN_LOG=os.environ.get("FIRKIN_LOG", "info"),
+        )
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [FIRKIN, "serve", "--listen", f"127.0.0.1:{self.port}", "--backend", BACKEND],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env=env,
+            text=True,
+        )
+        ready = threading.Event()
+        self.banner = []
+
+        def pump():
+            for line in self.proc.stdout:
+                self.banner.append(line)
+                if "firkin is ready" in line:
+                    ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not ready.wait(0.2):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"firkin serve exited with {self.proc.returncode}; log: {self.log_path}")
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"firkin serve not ready after {READY_TIMEOUT}s; log: {self.log_path}")
+
+    def opts(self, key=None) -> dict:
+        return dict(api_key=key or self.key, api_url=self.url, sandbox_url=self.url)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def crash(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def workdir():
+    d = tempfile.mkdtemp(prefix="firkin-sdk-")
+    yield d
+
+
+@pytest.fixture(scope="session")
+def server(workdir):
+    s = Serve(os.path.join(workdir, "state"), "e2b_" + secrets.token_hex(20))
+    # The SDK reads these for everything that does not pass options explicitly.
+    os.environ["E2B_API_URL"] = s.url
+    os.environ["E2B_SANDBOX_URL"] = s.url
+    os.environ["E2B_API_KEY"] = s.key
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def sbx(server):
+    s = Sandbox.create(timeout=300, metadata={"suite": "serve"})
+    yield s
+    s.kill()
+
+
+def uniq(prefix: str) -> str:
+    return f"/tmp/{prefix}-{secrets.token_hex(6)}"
+
+
+# ---------------------------------------------------------------- create, info, list
+
+
+def test_create_with_metadata_envs_timeout(server):
+    tag = secrets.token_hex(4)
+    s = Sandbox.create(timeout=120, metadata={"tag": tag, "who": "a b&c"}, envs={"GREETING": "hi there"})
+    try:
+        info = s.get_info()
+        assert info.sandbox_id == s.sandbox_id
+        assert info.metadata == {"tag": tag, "who": "a b&c"}
+        assert info.state == SandboxState.RUNNING
+        assert abs((info.end_at - info.started_at).total_seconds() - 120) <= 2
+        assert s.commands.run('echo "$GREETING"').stdout == "hi there\n"
+        assert s.is_running()
+        m = s.get_metrics()
+        assert m and m[0].mem_total > 0
+    finally:
+        assert s.kill() is True
+
+
+def test_list_with_metadata_filter(server):
+    tag = secrets.token_hex(4)
+    mine = [Sandbox.create(timeout=120, metadata={"tag": tag, "n": str(i)}) for i in range(2)]
+    other = Sandbox.create(timeout=120, metadata={"tag": "other"})
+    try:
+        found = Sandbox.list(query=SandboxQuery(metadata={"tag": tag})).next_items()
+        assert sorted(x.sandbox_id for x in found) == sorted(s.sandbox_id for s in mine)
+        assert all(x.state == SandboxState.RUNNING for x in found)
+        page = Sandbox.list(query=SandboxQuery(metadata={"tag": tag}), limit=1)
+        first = page.next_items()
+        assert len(first) == 1 and page.has_next
+        second = page.next_items()
+        assert len(second) == 1 and first[0].sandbox_id != second[0].sandbox_id
+    finally:
+        for s in mine + [other]:
+            s.kill()
+
+
+def test_set_timeout_moves_the_end(sbx):
+    before = sbx.get_info().end_at
+    sbx.set_timeout(3000)
+    after = sbx.get_info().end_at
+    assert (after - before).total_seconds() > 2000
+
+
+def test_a_sandbox_that_times_out_is_gone(server):
+    s = Sandbox.create(timeout=3)
+    sid = s.sandbox_id
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if sid not in [x.sandbox_id for x in Sandbox.list().next_items()]:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the sandbox outlived its timeout")
+    assert not s.is_running()
+    assert Sandbox.kill(sid) is False
+    with pytest.raises(NotFoundException):
+        Sandbox.get_info(sid)
+
+
+def test_kill_then_404(server):
+    s = Sandbox.create(timeout=60)
+    assert s.kill() is True
+    assert Sandbox.kill(s.sandbox_id) is False
+    with pytest.raises(NotFoundException):
+        Sandbox.get_info(s.sandbox_id)
+    with pytest.raises(Exception):
+        Sandbox.connect(s.sandbox_id)
+    assert not s.is_running()
+
+
+def test_wrong_api_key_is_an_authentication_error(server):
+    with pytest.raises(AuthenticationException):
+        Sandbox.create(**server.opts(key="e2b_" + "0" * 40))
+    with pytest.raises(AuthenticationException):
+        Sandbox.list(**server.opts(key="nope")).next_items()
+
+
+def test_ten_concurrent_creates_all_succeed(server):
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        sandboxes = list(pool.map(lambda _: Sandbox.create(timeout=120), range(10)))
+    try:
+        assert len({s.sandbox_id for s in sandboxes}) == 10
+        outs = list(
+            concurrent.futures.ThreadPoolExecutor(10).map(
+                lambda s: s.commands.run(f"echo {s.sandbox_id}").stdout, sandboxes
+            )
+        )
+        assert outs == [f"{s.sandbox_id}\n" for s in sandboxes]
+    finally:
+        for s in sandboxes:
+            s.kill()
+
+
+# ---------------------------------------------------------------- commands through the proxy
+
+
+def test_run_env_cwd_exit_code(sbx):
+    r = sbx.commands.run("echo out; echo err >&2")
+    assert (r.stdout, r.stderr, r.exit_code) == ("out\n", "err\n", 0)
+    assert sbx.commands.run("echo $A-$B", envs={"A": "1", "B": "2"}).stdout == "1-2\n"
+    assert sbx.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
+    with pytest.raises(CommandExitException) as e:
+        sbx.commands.run("echo partial; exit 3")
+    assert e.value.exit_code == 3 and e.value.stdout == "partial\n"
+
+
+def test_run_as_users(sbx):
+    assert sbx.commands.run("id -un", user="root").stdout == "root\n"
+    # The process backend's default workdir lives in the (private) state directory.
+    assert sbx.commands.run("id -un", user="user", cwd="/tmp").stdout == "user\n"
+    if BACKEND == "qemu":
+        assert sbx.commands.run("pwd", user="user").stdout == "/home/user\n"
+
+
+def test_background_and_connect(sbx):
+    h = sbx.commands.run("echo early; sleep 1; echo late", background=True)
+    assert h.pid in [p.pid for p in sbx.commands.list()]
+    h.disconnect()
+    r = sbx.commands.connect(h.pid).wait()
+    assert r.stdout == "early\nlate\n"
+
+
+def test_stdin_and_kill(sbx):
+    h = sbx.commands.run("cat", background=True, stdin=True, timeout=0)
+    sbx.commands.send_stdin(h.pid, "hello\n")
+    got, seen = [], threading.Event()
+
+    def reader():
+        try:
+            h.wait(on_stdout=lambda s: (got.append(s), seen.set()))
+        except CommandExitException:
+            pass
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    assert seen.wait(20)
+    assert "".join(got) == "hello\n"
+    assert sbx.commands.kill(h.pid) is True
+    t.join(20)
+    assert not t.is_alive()
+
+
+def test_pty(sbx):
+    h = sbx.pty.create(PtySize(rows=24, cols=80), timeout=0)
+    out, lock = bytearray(), threading.Lock()
+
+    def reader():
+        try:
+            h.wait(on_pty=lambda d: (lock.acquire(), out.extend(d), lock.release()))
+        except CommandExitException:
+            pass
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    sbx.pty.send_stdin(h.pid, b"echo $((6*7))x\n")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with lock:
+            if b"42x" in out:
+                break
+        time.sleep(0.05)
+    with lock:
+        assert b"42x" in out, bytes(out)
+    assert sbx.pty.kill(h.pid) is True
+    t.join(20)
+
+
+# ---------------------------------------------------------------- files through the proxy
+
+
+def test_files_text_bytes_and_50_mib(sbx):
+    d = uniq("files")
+    sbx.files.write(f"{d}/a.txt", "hello")
+    assert sbx.files.read(f"{d}/a.txt") == "hello"
+    data = bytes(range(256)) * 4
+    sbx.files.write(f"{d}/b.bin", data)
+    assert bytes(sbx.files.read(f"{d}/b.bin", format="bytes")) == data
+    big = os.urandom(50 * 1024 * 1024)
+    sbx.files.write(f"{d}/big.bin", big)
+    assert sbx.files.get_info(f"{d}/big.bin").size == len(big)
+    assert bytes(sbx.files.read(f"{d}/big.bin", format="bytes")) == big
+    sbx.files.remove(d)
+
+
+def test_files_list_exists_rename_remove(sbx):
+    d = uniq("ops")
+    sbx.files.write(f"{d}/f.txt", "12345")
+    sbx.files.make_dir(f"{d}/sub")
+    entries = {e.name: e for e in sbx.files.list(d)}
+    assert set(entries) == {"f.txt", "sub"}
+    assert entries["f.txt"].type == FileType.FILE and entries["sub"].type == FileType.DIR
+    assert sbx.files.exists(f"{d}/f.txt") and not sbx.files.exists(f"{d}/nope")
+    moved = sbx.files.rename(f"{d}/f.txt", f"{d}/g.txt")
+    assert moved.path == f"{d}/g.txt"
+    assert sbx.files.read(f"{d}/g.txt") == "12345"
+    sbx.files.remove(d)
+    assert not sbx.files.exists(d)
+
+
+def test_watch_dir(sbx):
+    d = uniq("watch")
+    sbx.files.make_dir(d)
+    handle = sbx.files.watch_dir(d)
+    sbx.files.write(f"{d}/w.txt", "1")
+    events = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        events += handle.get_new_events()
+        if any(e.name == "w.txt" and e.type == FilesystemEventType.CREATE for e in events):
+            break
+        time.sleep(0.1)
+    assert any(e.name == "w.txt" and e.type == FilesystemEventType.CREATE for e in events), events
+    handle.stop()
+    sbx.files.remove(d)
+
+
+# ---------------------------------------------------------------- pause / resume
+
+
+def test_pause_list_connect_resumes_with_files_intact(server):
+    s = Sandbox.create(timeout=300, metadata={"case": "pause"})
+    sid = s.sandbox_id
+    try:
+        s.files.write("/tmp/paused.txt", "survives")
+        s.files.write("pause-home.txt", "home too")
+        assert s.pause() is True
+        assert Sandbox.pause(sid) is False  # already paused (409)
+        paused = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
+        assert sid in [x.sandbox_id for x in paused]
+        assert Sandbox.get_info(sid).state == SandboxState.PAUSED
+        r = Sandbox.connect(sid)
+        assert r.sandbox_id == sid
+        assert r.files.read("/tmp/paused.txt") == "survives"
+        assert r.files.read("pause-home.txt") == "home too"
+        assert r.commands.run("echo alive").stdout == "alive\n"
+        assert Sandbox.get_info(sid).state == SandboxState.RUNNING
+    finally:
+        Sandbox.kill(sid)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_input_gets_4xx_json_and_the_server_stays_up(server, sbx):
+    h = {"X-API-KEY": server.key}
+    c = httpx.Client(base_url=server.url, timeout=60)
+
+    def err(r, status):
+        assert r.status_code == status, (r.status_code, r.text)
+        body = r.json()
+        assert body["code"] == status and body["message"]
+
+    err(c.post("/v2/sandboxes", headers=h, content=b"{not json"), 400)
+    err(c.post("/v2/sandboxes", headers=h, json={"templateID": "no-such-template"}), 404)
+    err(c.post("/v2/sandboxes", headers=h, json={"templateID": "base", "timeout": -1}), 400)
+    err(c.post("/v2/sandboxes", headers=h, content=b"x" * (2 * 1024 * 1024)), 413)
+    err(c.get("/sandboxes/..%2F..%2Fetc%2Fpasswd", headers=h), 404)
+    err(c.get("/v2/sandboxes"), 401)
+    # /files path traversal: the agent resolves the path as the sandbox user and refuses what
+    # that user may not read.
+    sh = {
+        "E2b-Sandbox-Id": sbx.sandbox_id,
+        "E2b-Sandbox-Port": "49983",
+        "X-Access-Token": sbx._envd_access_token,
+    }
+    r = c.get("/files", params={"path": "../../../../../etc/shadow", "username": "user"}, headers=sh)
+    assert 400 <= r.status_code < 500 and r.json()["message"], (r.status_code, r.text)
+    # A dot-dot URL path on the sandbox plane reaches the agent, never the control plane.
+    r = c.get("/../../v2/sandboxes", headers={**sh, **h})
+    assert not (r.status_code == 200 and isinstance(r.json(), list))
+    # Unknown sandbox on the sandbox plane: the SDK's "not found" shape.
+    r = c.get("/health", headers={"E2b-Sandbox-Id": "nosuchsandbox", "E2b-Sandbox-Port": "49983"})
+    assert r.status_code == 502 and "was not found" in r.json()["message"]
+    # Still up and serving.
+    assert sbx.commands.run("echo up").stdout == "up\n"
+    assert c.get("/health").status_code == 200
+
+
+# ---------------------------------------------------------------- crash
+
+
+def test_kill_9_with_three_running_then_restart(workdir):
+    state = os.path.join(workdir, "crash-state")
+    s = Serve(state, "e2b_" + secrets.token_hex(20))
+    try:
+        sandboxes = [Sandbox.create(timeout=600, **s.opts()) for _ in range(3)]
+        paused = Sandbox.create(timeout=600, **s.opts())
+        paused.files.write("/tmp/crash-paused.txt", "kept")
+        assert paused.pause() is True
+        assert len(processes_mentioning(state)) >= 3
+        s.crash()
+        # The VMs die with the server (PDEATHSIG): nothing runs without a server that knows it.
+        deadline = time.monotonic() + 20
+        while processes_mentioning(state) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_mentioning(state) == [], "sandbox processes outlived the server"
+
+        s.start()
+        listed = {x.sandbox_id: x.state for x in Sandbox.list(**s.opts()).next_items()}
+        # Running ones could not be re-adopted: cleaned up, not listed. The paused one stays.
+        assert listed == {paused.sandbox_id: SandboxState.PAUSED}, listed
+        for x in sandboxes:
+            assert Sandbox.kill(x.sandbox_id, **s.opts()) is False
+        back = Sandbox.connect(paused.sandbox_id, **s.opts())
+        assert back.files.read("/tmp/crash-paused.txt") == "kept"
+        fresh = Sandbox.create(timeout=60, **s.opts())
+        assert fresh.commands.run("echo fresh").stdout == "fresh\n"
+        # Every running VM process has a record.
+        running = {x.sandbox_id for x in Sandbox.list(**s.opts()).next_items()}
+        assert running == {paused.sandbox_id, fresh.sandbox_id}
+    finally:
+        s.stop()
+    assert processes_mentioning(state) == []
