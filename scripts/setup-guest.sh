@@ -53,7 +53,16 @@ build_guest_binaries() {
     # host build.
     (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
         cargo build --locked --profile guest --target x86_64-unknown-linux-gnu "${pkgs[@]}")
-    log "guest binaries in $guest_bin"
+    # Installed into the cache, where firkin looks for them (FIRKIN_GUEST_BIN_DIR overrides),
+    # so a running firkin does not depend on this checkout's target directory.
+    mkdir -p "$cache/guest/bin"
+    for b in firkin-init firkin-envd; do
+        if [ -f "$guest_bin/$b" ]; then
+            install -m 0755 "$guest_bin/$b" "$cache/guest/bin/$b.tmp"
+            mv -f "$cache/guest/bin/$b.tmp" "$cache/guest/bin/$b"
+        fi
+    done
+    log "guest binaries in $guest_bin and $cache/guest/bin"
 }
 
 fetch_kernel() {

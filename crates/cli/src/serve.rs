@@ -230,11 +230,18 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                 Arc::new(firkin_server::process::ProcessTemplateBuilder);
             Server::open(config, SandboxRuntime::new(launcher, rc, cache), builder)?
         }
-        Backend::Qemu => bail!(
-            "the QEMU backend is not wired into this build yet (firkin_runtime's QEMU launcher \
-             is still being written); run `firkin serve --backend process` to develop against \
-             host processes without isolation"
-        ),
+        Backend::Qemu => {
+            let accel = firkin_runtime::qemu::detect_accel();
+            tracing::info!(accel = ?accel.accel, reason = %accel.reason, "accelerator");
+            let assets = firkin_runtime::qemu::GuestAssets::locate(&paths)
+                .context("locating guest assets (kernel, firkin-init, firkin-envd)")?;
+            let launcher =
+                firkin_runtime::qemu::QemuLauncher::new(paths.sandboxes_dir(), Arc::clone(&cache));
+            let builder: Arc<dyn TemplateBuilder> = Arc::new(
+                firkin_server::qemu::QemuTemplateBuilder::new(assets, accel, Arc::clone(&cache)),
+            );
+            Server::open(config, SandboxRuntime::new(launcher, rc, cache), builder)?
+        }
     };
     let recovery = server.recovery();
     if !recovery.removed_sandboxes.is_empty() || recovery.killed_processes > 0 {

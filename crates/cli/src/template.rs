@@ -40,6 +40,19 @@ pub enum TemplateCommand {
         /// Rebuild even if the template exists.
         #[arg(long)]
         force: bool,
+        /// Root filesystem from a Debian suite via mmdebstrap (default: E2B's `base`, bookworm
+        /// with python3, git, curl, sudo and user `user`).
+        #[arg(long, value_name = "SUITE", conflicts_with_all = ["from_oci", "from_dir"])]
+        from_debian: Option<String>,
+        /// Extra Debian package for --from-debian (repeatable).
+        #[arg(long = "package", value_name = "PKG", requires = "from_debian")]
+        packages: Vec<String>,
+        /// Root filesystem from an image archive (`docker save` tar or OCI layout tar).
+        #[arg(long, value_name = "TAR", conflicts_with = "from_dir")]
+        from_oci: Option<std::path::PathBuf>,
+        /// Root filesystem from a directory (copied, never modified).
+        #[arg(long, value_name = "DIR")]
+        from_dir: Option<std::path::PathBuf>,
         /// Print the final build status as JSON instead of a progress bar.
         #[arg(long)]
         json: bool,
@@ -74,9 +87,14 @@ pub async fn run(cmd: TemplateCommand) -> Result<ExitCode> {
             disk_mb,
             commands,
             force,
+            from_debian,
+            packages,
+            from_oci,
+            from_dir,
             json,
             endpoint,
         } => {
+            let from = source(from_debian, packages, from_oci, from_dir)?;
             let api = endpoint.connect()?;
             let req = BuildTemplateRequest {
                 template_id: name.clone(),
@@ -85,6 +103,7 @@ pub async fn run(cmd: TemplateCommand) -> Result<ExitCode> {
                 disk_size_mb: disk_mb,
                 commands,
                 force,
+                from,
             };
             let started: BuildStatusResponse = api
                 .call(Method::POST, "/firkin/v1/templates", Some(&req))
@@ -183,4 +202,45 @@ pub async fn run(cmd: TemplateCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The `--from-*` flags as a build source; paths are made absolute because the server resolves
+/// them, not this shell.
+fn source(
+    debian: Option<String>,
+    packages: Vec<String>,
+    oci: Option<std::path::PathBuf>,
+    dir: Option<std::path::PathBuf>,
+) -> Result<Option<firkin_runtime::qemu::RootfsSource>> {
+    use firkin_runtime::qemu::{RootfsSource, UserSpec};
+    let absolute = |p: std::path::PathBuf| -> Result<std::path::PathBuf> {
+        Ok(if p.is_absolute() {
+            p
+        } else {
+            std::env::current_dir()?.join(p)
+        })
+    };
+    Ok(match (debian, oci, dir) {
+        (Some(suite), _, _) => {
+            let mut all: Vec<String> = ["ca-certificates", "sudo"].map(String::from).to_vec();
+            all.extend(packages);
+            Some(RootfsSource::Debian {
+                suite,
+                packages: all,
+                mirror: None,
+                user: Some(UserSpec {
+                    name: "user".into(),
+                    uid: 1000,
+                    sudo: true,
+                }),
+            })
+        }
+        (None, Some(archive), _) => Some(RootfsSource::Oci {
+            archive: absolute(archive)?,
+        }),
+        (None, None, Some(path)) => Some(RootfsSource::Directory {
+            path: absolute(path)?,
+        }),
+        (None, None, None) => None,
+    })
 }

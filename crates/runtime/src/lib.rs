@@ -20,6 +20,7 @@ pub use firkin_types as types;
 mod cube;
 mod disk;
 mod paths;
+pub mod qemu;
 mod restore;
 mod samples;
 mod service;

@@ -34,8 +34,9 @@ use crate::{
     DEFAULT_RESTORE_DISK_FLOOR, DEFAULT_WARM_POOL_DISK_FLOOR, WARM_SNAPSHOT_RESTORE_METRIC,
 };
 
-/// Descriptor file name of every sealed snapshot firkin writes.
-pub const SNAPSHOT_DESCRIPTOR: &str = "snapshot.json";
+/// Descriptor file name of every sealed snapshot firkin writes. (The VMM's own restore
+/// description, `snapshot.json`, is one of the components it seals.)
+pub const SNAPSHOT_DESCRIPTOR: &str = "seal.json";
 
 /// Tunables of a [`SandboxRuntime`].
 #[derive(Clone, Debug)]
@@ -759,8 +760,10 @@ where
             if let Err(err) = st.ledger.release_active(a.budget) {
                 tracing::error!(%err, "releasing a dead sandbox");
             }
-            let evicted = grant_waiters(&mut st);
+            let mut evicted = grant_waiters(&mut st);
             drop(st);
+            // Stopping a dead VM cleans up what it left: run directory, overlay, sockets.
+            evicted.push(a.session);
             stop_all(evicted);
             self.inner.refill.notify_one();
             tracing::warn!(sandbox = %id, "sandbox VM exited on its own");
@@ -946,9 +949,12 @@ where
                     let (alive, dead): (VecDeque<_>, VecDeque<_>) =
                         q.drain(..).partition(|w| w.session.is_alive());
                     *q = alive;
+                    let mut gone = Vec::new();
                     for d in dead {
                         let _ = st.ledger.release_warm(d.budget);
+                        gone.push(d.session);
                     }
+                    stop_all(gone);
                 }
                 let have = st.warm.get(&key).map_or(0, VecDeque::len);
                 if have >= depth || !st.waiters.is_empty() {
@@ -1449,7 +1455,7 @@ mod tests {
         let paused = rt.pause(&sid("a"), &snap).await.unwrap();
         assert_eq!(rt.capacity().active, ResourceBudget::ZERO);
         assert!(!rt.is_running(&sid("a")));
-        assert!(snap.join("snapshot.integrity.json").exists());
+        assert!(snap.join("seal.integrity.json").exists());
         let sealed =
             SealedSnapshot::verify_with_sidecar(&paused.descriptor, rt.digest_cache()).unwrap();
         assert_eq!(sealed.kind, SnapshotArtifactKind::Continuation);

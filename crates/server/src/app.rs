@@ -1053,6 +1053,7 @@ impl App {
             build_id: build_id.clone(),
             dir,
             budget,
+            source: spec.from.clone(),
             commands: spec.commands,
         };
         let app = Arc::clone(self);

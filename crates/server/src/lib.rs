@@ -26,6 +26,7 @@ pub mod orchestrator;
 pub mod process;
 pub mod procfs;
 pub mod proxy;
+pub mod qemu;
 pub mod server;
 pub mod store;
 mod sys;

@@ -25,6 +25,8 @@ pub struct TemplateBuildRequest {
     pub budget: ResourceBudget,
     /// Shell commands run in the booted template (through envd) before the snapshot is taken.
     pub commands: Vec<String>,
+    /// Root filesystem source; `None` means the default `base` image.
+    pub source: Option<firkin_runtime::qemu::RootfsSource>,
 }
 
 /// A builder failed. The message is shown to the user as the build's `reason`.

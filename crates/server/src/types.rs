@@ -24,6 +24,11 @@ pub struct BuildTemplateRequest {
     /// Rebuild even if the template exists.
     #[serde(default)]
     pub force: bool,
+    /// Where the root filesystem comes from: `{"kind":"debian","suite":…,"packages":[…]}`,
+    /// `{"kind":"oci","archive":"/path/image.tar"}` or `{"kind":"directory","path":"/path"}`.
+    /// Default: E2B's `base` (Debian bookworm, python3, git, curl, sudo, user `user`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<firkin_runtime::qemu::RootfsSource>,
 }
 
 /// A build's state: the answer of the build request (202) and of status polling.

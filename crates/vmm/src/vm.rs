@@ -828,6 +828,12 @@ impl Vm {
         self.child.wait().await
     }
 
+    /// A receiver that turns `Some` when QEMU exits, so a caller can wait for the exit
+    /// without holding on to the `Vm` (which `stop` and `save_continuation` consume).
+    pub fn exit_watch(&self) -> tokio::sync::watch::Receiver<Option<ExitInfo>> {
+        self.child.subscribe()
+    }
+
     /// `Some` if QEMU has exited.
     pub fn exit_info(&self) -> Option<ExitInfo> {
         self.child.exit_info()

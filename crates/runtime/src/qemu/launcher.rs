@@ -1,0 +1,248 @@
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use firkin_artifacts::{DigestCache, SealError, SealedSnapshot};
+use firkin_envd::client::Client as EnvdClient;
+use firkin_vmm::{ExitInfo, RestoreRequest, Snapshot, Vm, VmmError};
+use tokio::sync::{Mutex, watch};
+
+use crate::restore::{SnapshotRestoreRequest, SnapshotSessionLauncher};
+use crate::service::SNAPSHOT_DESCRIPTOR;
+use crate::session::{ContinuationSaved, EnvdInit, SandboxSession};
+
+use super::component;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error(
+        "restore of {artifact} was asked without a verified sealed descriptor; the QEMU \
+         launcher only restores sealed snapshots"
+    )]
+    Unsealed { artifact: PathBuf },
+    #[error("disk layer {layer} below this snapshot failed its integrity check: {source}")]
+    LowerLayer { layer: PathBuf, source: SealError },
+    #[error(transparent)]
+    Vmm(Box<VmmError>),
+    #[error("envd at {addr} refused /init: {reason}")]
+    Init { addr: SocketAddr, reason: String },
+    #[error("the sandbox VM is already stopped")]
+    Stopped,
+}
+
+impl From<VmmError> for QemuError {
+    fn from(e: VmmError) -> Self {
+        QemuError::Vmm(Box::new(e))
+    }
+}
+
+/// Restores sealed QEMU snapshots (templates and continuations) into fresh `microvm`s.
+///
+/// Each restore gets its own run directory under `sandboxes_dir` (qcow2 overlay, console log,
+/// sockets); the directory's path is on QEMU's command line, which is how a restarted server
+/// recognises leftovers.
+#[derive(Clone, Debug)]
+pub struct QemuLauncher {
+    sandboxes_dir: PathBuf,
+    cache: Arc<DigestCache>,
+    health_timeout: Duration,
+    stop_timeout: Duration,
+}
+
+impl QemuLauncher {
+    pub fn new(sandboxes_dir: impl Into<PathBuf>, cache: Arc<DigestCache>) -> Self {
+        Self {
+            sandboxes_dir: sandboxes_dir.into(),
+            cache,
+            health_timeout: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(5),
+        }
+    }
+
+    pub fn with_health_timeout(mut self, timeout: Duration) -> Self {
+        self.health_timeout = timeout;
+        self
+    }
+
+    fn next_run_dir(&self) -> PathBuf {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        self.sandboxes_dir
+            .join(format!("vm-{}-{nanos:08x}-{n}", std::process::id()))
+    }
+
+    /// A continuation's lower disk layers live in other sealed snapshots (its template, earlier
+    /// pauses). They are verified too, through the cache: a tampered template disk must not be
+    /// resumed onto.
+    fn verify_lower_layers(&self, snap: &Snapshot) -> Result<(), QemuError> {
+        for layer in snap.disk.iter().filter(|l| l.path.is_absolute()) {
+            let dir = layer.path.parent().unwrap_or(Path::new("/"));
+            let descriptor = dir.join(SNAPSHOT_DESCRIPTOR);
+            let sealed = SealedSnapshot::verify_with_sidecar(&descriptor, &self.cache).map_err(
+                |source| QemuError::LowerLayer {
+                    layer: layer.path.clone(),
+                    source,
+                },
+            )?;
+            let covered = sealed
+                .components
+                .iter()
+                .any(|c| dir.join(&c.file) == layer.path);
+            if !covered {
+                return Err(QemuError::LowerLayer {
+                    layer: layer.path.clone(),
+                    source: SealError::UnsafeComponentPath {
+                        file: layer.path.display().to_string(),
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SnapshotSessionLauncher for QemuLauncher {
+    type Error = QemuError;
+    type Session = QemuSession;
+
+    async fn restore_from_snapshot(
+        &mut self,
+        request: &SnapshotRestoreRequest<'_>,
+    ) -> Result<QemuSession, QemuError> {
+        let sealed = request.sealed().ok_or_else(|| QemuError::Unsealed {
+            artifact: request.manifest().path().to_path_buf(),
+        })?;
+        let snap = Snapshot::load(sealed.dir())?;
+        self.verify_lower_layers(&snap)?;
+        let vm = Vm::restore(
+            &snap,
+            RestoreRequest {
+                run_dir: self.next_run_dir(),
+                health_timeout: self.health_timeout,
+            },
+        )
+        .await?;
+        tracing::debug!(pid = vm.pid(), timings = ?vm.timings(), "restored");
+        Ok(QemuSession::new(vm, self.stop_timeout))
+    }
+}
+
+/// One running sandbox VM.
+#[derive(Debug)]
+pub struct QemuSession {
+    vm: Mutex<Option<Vm>>,
+    envd: SocketAddr,
+    code: SocketAddr,
+    pid: u32,
+    exit: watch::Receiver<Option<ExitInfo>>,
+    stop_timeout: Duration,
+}
+
+impl QemuSession {
+    pub fn new(vm: Vm, stop_timeout: Duration) -> Self {
+        Self {
+            envd: vm.envd_addr(),
+            code: vm.code_addr(),
+            pid: vm.pid(),
+            exit: vm.exit_watch(),
+            vm: Mutex::new(Some(vm)),
+            stop_timeout,
+        }
+    }
+
+    /// Runs `f` on the VM if it is still there (for diagnostics such as memory figures).
+    pub async fn with_vm<R>(&self, f: impl FnOnce(&Vm) -> R) -> Option<R> {
+        self.vm.lock().await.as_ref().map(f)
+    }
+}
+
+#[async_trait]
+impl SandboxSession for QemuSession {
+    type Error = QemuError;
+
+    fn envd_addr(&self) -> SocketAddr {
+        self.envd
+    }
+
+    fn port_addr(&self, guest_port: u16) -> Option<SocketAddr> {
+        match guest_port {
+            firkin_vmm::ENVD_PORT => Some(self.envd),
+            firkin_vmm::CODE_PORT => Some(self.code),
+            _ => None,
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        Some(self.pid)
+    }
+
+    fn is_alive(&self) -> bool {
+        self.exit.borrow().is_none()
+    }
+
+    async fn init(&self, init: &EnvdInit) -> Result<(), QemuError> {
+        let err = |reason: String| QemuError::Init {
+            addr: self.envd,
+            reason,
+        };
+        let mut client =
+            EnvdClient::new(&format!("http://{}", self.envd)).map_err(|e| err(e.to_string()))?;
+        // A resumed sandbox's agent already holds this token, and `/init` must then carry it.
+        if let Some(token) = &init.access_token {
+            client = client.with_token(token.clone());
+        }
+        let body = serde_json::to_value(init).map_err(|e| err(e.to_string()))?;
+        tokio::time::timeout(Duration::from_secs(20), client.init(&body))
+            .await
+            .map_err(|_| err("no answer within 20 s".into()))?
+            .map_err(|e| err(e.to_string()))
+    }
+
+    async fn save_continuation(&self, dir: &Path) -> Result<ContinuationSaved, QemuError> {
+        let vm = self.vm.lock().await.take().ok_or(QemuError::Stopped)?;
+        let snap = vm.save_continuation(dir).await?;
+        let mut components = vec![
+            (
+                component::VM.to_owned(),
+                firkin_vmm::SNAPSHOT_JSON.to_owned(),
+            ),
+            (component::RAM.to_owned(), firkin_vmm::RAM_FILE.to_owned()),
+            (
+                component::STATE.to_owned(),
+                firkin_vmm::STATE_FILE.to_owned(),
+            ),
+        ];
+        for layer in snap.disk.iter().filter(|l| l.path.is_relative()) {
+            components.push((component::DISK.to_owned(), layer.path.display().to_string()));
+        }
+        let machine = serde_json::to_value(&snap.machine).unwrap_or(serde_json::Value::Null);
+        Ok(ContinuationSaved {
+            components,
+            machine,
+        })
+    }
+
+    async fn stop(&self) -> Result<(), QemuError> {
+        let vm = self.vm.lock().await.take();
+        match vm {
+            Some(vm) => {
+                let exit = vm.stop(self.stop_timeout).await?;
+                tracing::debug!(pid = self.pid, %exit, "sandbox VM stopped");
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn exited(&self) {
+        let mut rx = self.exit.clone();
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+}

@@ -1,0 +1,25 @@
+//! The QEMU backend: the launcher that restores sealed snapshots into `microvm`s, the session
+//! the runtime drives, and template builds (rootfs → cold boot → prepare → snapshot → seal).
+//!
+//! Everything QEMU-specific below the runtime's traits lives in `firkin-vmm` (processes, QMP,
+//! command lines) and `firkin-guest` (kernel, initramfs, root filesystems); this module only
+//! composes them with sealing and envd's `/init`.
+
+mod assets;
+mod launcher;
+mod template;
+
+pub use assets::{GuestAssets, GuestAssetsError};
+pub use firkin_guest::{RootfsSource, UserSpec, base_template};
+pub use firkin_vmm::{Accel, AccelDecision, accel::detect as detect_accel};
+pub use launcher::{QemuError, QemuLauncher, QemuSession};
+pub use template::{BuildEvent, TemplateBuild, TemplateBuildError, build_template};
+
+/// Component names in a sealed QEMU snapshot.
+pub mod component {
+    /// The VMM's own restore description (`snapshot.json`).
+    pub const VM: &str = "vm";
+    pub const RAM: &str = "ram";
+    pub const STATE: &str = "state";
+    pub const DISK: &str = "disk";
+}

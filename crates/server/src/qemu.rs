@@ -1,0 +1,74 @@
+//! The QEMU backend's template builder, adapted to the server's [`TemplateBuilder`] trait.
+//! The build itself (rootfs, boot, prepare, snapshot, seal) is `firkin_runtime::qemu`'s.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use firkin_artifacts::DigestCache;
+use firkin_runtime::TemplateSnapshot;
+use firkin_runtime::qemu::{AccelDecision, BuildEvent, GuestAssets, TemplateBuild, base_template};
+use tokio::sync::mpsc;
+
+use crate::templates::{BuildProgress, TemplateBuildError, TemplateBuildRequest, TemplateBuilder};
+
+/// Builds templates as QEMU microVM snapshots.
+#[derive(Debug)]
+pub struct QemuTemplateBuilder {
+    assets: GuestAssets,
+    accel: AccelDecision,
+    cache: Arc<DigestCache>,
+}
+
+impl QemuTemplateBuilder {
+    pub fn new(assets: GuestAssets, accel: AccelDecision, cache: Arc<DigestCache>) -> Self {
+        Self {
+            assets,
+            accel,
+            cache,
+        }
+    }
+}
+
+#[async_trait]
+impl TemplateBuilder for QemuTemplateBuilder {
+    async fn build(
+        &self,
+        request: &TemplateBuildRequest,
+        progress: &BuildProgress,
+    ) -> Result<TemplateSnapshot, TemplateBuildError> {
+        let build = TemplateBuild {
+            template_id: request.template_id.clone(),
+            build_id: request.build_id.clone(),
+            dir: request.dir.clone(),
+            source: request.source.clone().unwrap_or_else(base_template),
+            commands: request.commands.clone(),
+            budget: request.budget,
+            accel: self.accel.clone(),
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let forward = {
+            let progress = progress.clone();
+            tokio::spawn(async move {
+                while let Some(ev) = rx.recv().await {
+                    match ev {
+                        BuildEvent::Phase { name, fraction } => progress.phase(name, fraction),
+                        BuildEvent::Log(line) => progress.log(line),
+                    }
+                }
+            })
+        };
+        let result =
+            firkin_runtime::qemu::build_template(&self.assets, &build, Arc::clone(&self.cache), tx)
+                .await;
+        let _ = forward.await;
+        match result {
+            Ok((snapshot, samples)) => {
+                for s in samples {
+                    progress.log(s.to_string());
+                }
+                Ok(snapshot)
+            }
+            Err(e) => Err(TemplateBuildError::with_source(e.to_string(), e)),
+        }
+    }
+}
