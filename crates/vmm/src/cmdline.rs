@@ -30,12 +30,13 @@ pub const STATE_FD: i32 = 4;
 /// character) serial console from slowing the boot; `8250.nr_uarts=1` and `pci=off` skip probing
 /// hardware a microvm does not have.
 pub fn default_kernel_cmdline() -> String {
+    let tsc = format!("tsc_early_khz={}", crate::tsc::host_tsc_khz());
     [
         "console=ttyS0",
         "quiet",
         "reboot=t",
         "panic=-1",
-        "tsc_early_khz=2000000",
+        tsc.as_str(),
         "pci=off",
         "8250.nr_uarts=1",
         "random.trust_cpu=on",
@@ -419,7 +420,7 @@ mod tests {
     #[test]
     fn default_cmdline_has_the_tcg_fixes() {
         let c = default_kernel_cmdline();
-        assert!(c.contains("tsc_early_khz=2000000"));
+        assert!(c.contains(&format!("tsc_early_khz={}", crate::tsc::host_tsc_khz())));
         assert!(c.contains("panic=-1"));
         assert!(c.contains("console=ttyS0"));
     }

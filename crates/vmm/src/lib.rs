@@ -12,6 +12,7 @@ mod health;
 pub mod process;
 pub mod qmp;
 mod sys;
+pub mod tsc;
 mod vm;
 
 pub use accel::{Accel, AccelDecision};

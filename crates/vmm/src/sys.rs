@@ -1,4 +1,4 @@
-//! The few operations on child processes that need `unsafe`: the code run between fork and exec.
+//! The few operations that need `unsafe`: the code run between fork and exec, and reading the TSC.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -59,4 +59,13 @@ pub(crate) fn configure_child(cmd: &mut Command, inherit: Vec<(OwnedFd, RawFd)>)
         });
     }
     Ok(())
+}
+
+/// Reads the time-stamp counter.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn rdtsc() -> u64 {
+    // SAFETY: RDTSC reads a counter; it has no memory effects and every x86_64 CPU has it
+    // (user-space access is disabled only by CR4.TSD, which Linux does not set for processes
+    // that haven't asked for it).
+    unsafe { std::arch::x86_64::_rdtsc() }
 }

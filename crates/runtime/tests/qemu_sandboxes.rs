@@ -1,0 +1,427 @@
+//! The runtime driving real QEMU microVMs restored from a real template (Debian bookworm +
+//! python3 + firkin-envd), under whatever accelerator this host gets (TCG here and in CI).
+//!
+//! Needs the guest assets: run `scripts/setup.sh` (or `scripts/setup-guest.sh`) first. A missing
+//! asset fails the test with that instruction; nothing is skipped.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use firkin_admission::ResourceBudget;
+use firkin_artifacts::DigestCache;
+use firkin_envd::client::Client;
+use firkin_runtime::qemu::{GuestAssets, QemuLauncher, TemplateBuild, base_template, detect_accel};
+use firkin_runtime::types::{SandboxId, Size, TemplateId};
+use firkin_runtime::{
+    EnvdInit, FirkinPaths, RuntimeConfig, RuntimeError, SandboxRuntime, SandboxSource,
+    StartSandbox, TemplateSnapshot,
+};
+
+const SETUP: &str = "scripts/setup.sh";
+
+fn paths() -> FirkinPaths {
+    FirkinPaths::from_env().expect("HOME or FIRKIN_CACHE_DIR must be set")
+}
+
+fn run_root() -> PathBuf {
+    paths()
+        .cache_dir()
+        .join("test-runs")
+        .join(format!("runtime-{}", std::process::id()))
+}
+
+/// Removes what earlier (finished) test processes left behind.
+fn sweep_old_runs() {
+    let Ok(entries) = std::fs::read_dir(paths().cache_dir().join("test-runs")) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix("runtime-")
+            && pid.parse::<u32>().is_ok_and(|p| p != std::process::id())
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn budget() -> ResourceBudget {
+    ResourceBudget::new(1, Size::mib(512), Size::gib(2))
+}
+
+/// One template for the whole test binary, built in its own thread and runtime (a VM is bound
+/// to the runtime that spawned it; only files cross over).
+fn template() -> &'static TemplateSnapshot {
+    static T: OnceLock<TemplateSnapshot> = OnceLock::new();
+    T.get_or_init(|| {
+        std::thread::spawn(|| {
+            sweep_old_runs();
+            let assets =
+                GuestAssets::locate(&paths()).unwrap_or_else(|e| panic!("{e} (run {SETUP} first)"));
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let log = tokio::spawn(async move {
+                    while let Some(ev) = rx.recv().await {
+                        eprintln!("template build: {ev:?}");
+                    }
+                });
+                let build = TemplateBuild {
+                    template_id: TemplateId::new("base").unwrap(),
+                    build_id: "test".into(),
+                    dir: run_root().join("template"),
+                    source: base_template(),
+                    commands: vec!["echo prepared > /etc/firkin-prepared".into()],
+                    budget: budget(),
+                    accel: detect_accel(),
+                };
+                let (snap, samples) = firkin_runtime::qemu::build_template(
+                    &assets,
+                    &build,
+                    Arc::new(DigestCache::in_memory()),
+                    tx,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("template build failed: {e} (run {SETUP} first?)"));
+                let _ = log.await;
+                eprintln!("template built: {samples:?}");
+                snap
+            })
+        })
+        .join()
+        .expect("template build thread panicked")
+    })
+}
+
+fn runtime(name: &str) -> (SandboxRuntime<QemuLauncher>, PathBuf) {
+    let sandboxes = run_root().join(name);
+    let cache = Arc::new(DigestCache::in_memory());
+    let launcher = QemuLauncher::new(&sandboxes, Arc::clone(&cache))
+        .with_health_timeout(Duration::from_secs(60));
+    let mut config = RuntimeConfig::new(ResourceBudget::new(8, Size::gib(8), Size::gib(64)));
+    config.queue_wait = Duration::from_secs(120);
+    (SandboxRuntime::new(launcher, config, cache), sandboxes)
+}
+
+fn init(token: &str, env: &[(&str, &str)]) -> EnvdInit {
+    EnvdInit {
+        env_vars: env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<BTreeMap<_, _>>(),
+        access_token: Some(token.to_owned()),
+        timestamp: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap(),
+        entropy: "c2VlZCBieXRlcyBmb3IgdGhlIGtlcm5lbA==".into(),
+        hostname: Some("sandbox".into()),
+        ..EnvdInit::default()
+    }
+}
+
+fn start(id: &str, source: SandboxSource, token: &str) -> StartSandbox {
+    StartSandbox {
+        sandbox_id: SandboxId::new(id).unwrap(),
+        source,
+        init: init(token, &[("FIRKIN_TEST_VAR", id)]),
+    }
+}
+
+async fn sh(rt: &SandboxRuntime<QemuLauncher>, id: &str, token: &str, cmd: &str) -> (i32, String) {
+    let addr = rt
+        .route(&SandboxId::new(id).unwrap(), 49983)
+        .expect("sandbox is routable");
+    let client = Client::new(&format!("http://{addr}"))
+        .unwrap()
+        .with_token(token);
+    let out = client
+        .exec("/bin/bash", &["-c", cmd], None)
+        .await
+        .unwrap_or_else(|e| panic!("{cmd:?} in {id}: {e}"));
+    (
+        out.exit_code,
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
+}
+
+/// QEMU processes whose command line mentions `dir` (their run directory is under it).
+fn qemus_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn dir_is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_concurrent_sandboxes_compute_and_are_isolated() {
+    let t = template().clone();
+    let (rt, sandboxes) = runtime("three");
+    let ids = ["sbxa", "sbxb", "sbxc"];
+    let (a, b, c) = tokio::join!(
+        rt.start(start(ids[0], SandboxSource::Template(t.clone()), "tok-a")),
+        rt.start(start(ids[1], SandboxSource::Template(t.clone()), "tok-b")),
+        rt.start(start(ids[2], SandboxSource::Template(t.clone()), "tok-c")),
+    );
+    for s in [&a, &b, &c] {
+        let s = s.as_ref().expect("restore");
+        assert!(!s.from_warm_pool);
+    }
+    assert_eq!(qemus_under(&sandboxes).len(), 3);
+
+    let tokens = ["tok-a", "tok-b", "tok-c"];
+    for (id, tok) in ids.iter().zip(tokens) {
+        assert_eq!(
+            sh(&rt, id, tok, "python3 -c 'print(6*7)'").await,
+            (0, "42".to_owned())
+        );
+        // /init reached the agent: env var, prepared template, clock.
+        assert_eq!(sh(&rt, id, tok, "echo $FIRKIN_TEST_VAR").await.1, *id);
+        assert_eq!(
+            sh(&rt, id, tok, "cat /etc/firkin-prepared").await.1,
+            "prepared"
+        );
+        let guest_now: i64 = sh(&rt, id, tok, "date +%s").await.1.parse().unwrap();
+        let host_now = time::OffsetDateTime::now_utc().unix_timestamp();
+        assert!(
+            (guest_now - host_now).abs() < 30,
+            "guest clock {guest_now} vs host {host_now}"
+        );
+    }
+    // The agent now demands the token.
+    let addr = rt.route(&SandboxId::new("sbxa").unwrap(), 49983).unwrap();
+    let anonymous = Client::new(&format!("http://{addr}")).unwrap();
+    assert!(
+        anonymous.run("true").await.is_err(),
+        "request without token accepted"
+    );
+
+    assert_eq!(
+        sh(
+            &rt,
+            "sbxa",
+            "tok-a",
+            "echo only-in-a > /tmp/marker && echo ok"
+        )
+        .await
+        .1,
+        "ok"
+    );
+    assert_eq!(
+        sh(&rt, "sbxa", "tok-a", "cat /tmp/marker").await.1,
+        "only-in-a"
+    );
+    for (id, tok) in [("sbxb", "tok-b"), ("sbxc", "tok-c")] {
+        assert_eq!(
+            sh(&rt, id, tok, "test -e /tmp/marker; echo $?").await.1,
+            "1"
+        );
+    }
+    // Clones got fresh entropy: their RNG output differs.
+    let r1 = sh(&rt, "sbxb", "tok-b", "head -c16 /dev/urandom | od -An -tx1")
+        .await
+        .1;
+    let r2 = sh(&rt, "sbxc", "tok-c", "head -c16 /dev/urandom | od -An -tx1")
+        .await
+        .1;
+    assert_ne!(r1, r2);
+
+    for id in ids {
+        rt.kill(&SandboxId::new(id).unwrap()).await.unwrap();
+    }
+    assert!(qemus_under(&sandboxes).is_empty(), "QEMU left running");
+    assert!(
+        dir_is_empty(&sandboxes),
+        "run dirs or overlays left in {}",
+        sandboxes.display()
+    );
+    assert_eq!(rt.capacity().active, ResourceBudget::ZERO);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_keep_files_and_processes() {
+    let t = template().clone();
+    let (rt, sandboxes) = runtime("pause");
+    let id = SandboxId::new("sbxp").unwrap();
+    rt.start(start("sbxp", SandboxSource::Template(t), "tok-p"))
+        .await
+        .unwrap();
+    sh(&rt, "sbxp", "tok-p", "echo kept > /home/user/note").await;
+    let pid = sh(
+        &rt,
+        "sbxp",
+        "tok-p",
+        "setsid sleep 3600 >/dev/null 2>&1 < /dev/null & echo $!",
+    )
+    .await
+    .1;
+    assert!(!pid.is_empty());
+
+    let snap_dir = run_root().join("pause-snapshot");
+    let paused = rt.pause(&id, &snap_dir).await.expect("pause");
+    assert!(!rt.is_running(&id));
+    assert_eq!(rt.capacity().active, ResourceBudget::ZERO);
+    assert!(qemus_under(&sandboxes).is_empty());
+
+    let resumed = rt
+        .start(start(
+            "sbxp",
+            SandboxSource::Continuation(paused.clone()),
+            "tok-p",
+        ))
+        .await
+        .expect("resume");
+    assert!(!resumed.from_warm_pool);
+    assert_eq!(
+        sh(&rt, "sbxp", "tok-p", "cat /home/user/note").await.1,
+        "kept"
+    );
+    assert_eq!(
+        sh(
+            &rt,
+            "sbxp",
+            "tok-p",
+            &format!("kill -0 {pid} && echo alive")
+        )
+        .await
+        .1,
+        "alive"
+    );
+    // And it keeps working as a normal sandbox: pause it again and resume.
+    rt.kill(&id).await.unwrap();
+    assert!(dir_is_empty(&sandboxes));
+
+    // A tampered continuation is refused before anything starts.
+    let ram = snap_dir.join("ram.img");
+    flip_byte(&ram, 4096 * 10 + 7);
+    let err = rt
+        .start(start("sbxp", SandboxSource::Continuation(paused), "tok-p"))
+        .await
+        .expect_err("tampered continuation must be refused");
+    assert!(matches!(err, RuntimeError::Integrity { .. }), "{err}");
+    assert!(qemus_under(&sandboxes).is_empty());
+    assert_eq!(rt.capacity().active, ResourceBudget::ZERO);
+}
+
+fn flip_byte(path: &Path, offset: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8];
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    b[0] ^= 0x01;
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(&b).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_flipped_byte_in_the_template_ram_image_blocks_the_restore() {
+    let t = template().clone();
+    // A private copy of the template whose RAM image differs by one bit; the other components
+    // are links to the shared template (verification follows them).
+    let copy = run_root().join("tampered-template");
+    std::fs::create_dir_all(&copy).unwrap();
+    let src = t.descriptor.parent().unwrap();
+    for entry in std::fs::read_dir(src).unwrap().flatten() {
+        let name = entry.file_name();
+        let dst = copy.join(&name);
+        if name == "ram.img" {
+            std::fs::copy(entry.path(), &dst).unwrap();
+        } else if entry.path().is_file() {
+            std::os::unix::fs::symlink(entry.path(), &dst).unwrap();
+        }
+    }
+    flip_byte(&copy.join("ram.img"), 1 << 20);
+    let tampered = TemplateSnapshot {
+        descriptor: copy.join("seal.json"),
+        ..t
+    };
+    let (rt, sandboxes) = runtime("tampered");
+    let err = rt
+        .start(start("sbxt", SandboxSource::Template(tampered), "tok"))
+        .await
+        .expect_err("tampered RAM image must be refused");
+    let text = err.to_string();
+    assert!(matches!(err, RuntimeError::Integrity { .. }), "{text}");
+    assert!(
+        text.contains("ram"),
+        "error should name the component: {text}"
+    );
+    assert!(qemus_under(&sandboxes).is_empty(), "something was launched");
+    assert!(dir_is_empty(&sandboxes));
+    assert_eq!(rt.capacity().active, ResourceBudget::ZERO);
+    let _ = std::fs::remove_dir_all(&copy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_qemu_is_reported_gone_and_cleaned_up() {
+    let t = template().clone();
+    let (rt, sandboxes) = runtime("killed");
+    let mut exits = rt.exits();
+    let s = rt
+        .start(start("sbxk", SandboxSource::Template(t), "tok-k"))
+        .await
+        .unwrap();
+    let pid = s.pid.expect("qemu pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(30), exits.recv())
+        .await
+        .expect("exit reported")
+        .unwrap();
+    assert_eq!(exit.sandbox_id.as_str(), "sbxk");
+    assert!(!rt.is_running(&exit.sandbox_id));
+    assert_eq!(rt.capacity().active, ResourceBudget::ZERO);
+    // The dead VM's run directory is removed in the background.
+    for _ in 0..100 {
+        if dir_is_empty(&sandboxes) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(dir_is_empty(&sandboxes), "run dir of a dead VM left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_hit_skips_the_restore_and_still_configures_the_agent() {
+    let t = template().clone();
+    let (rt, sandboxes) = runtime("warm");
+    rt.set_warm_pool(t.clone(), 1);
+    assert!(rt.refill_once().await, "warm entry restored");
+    assert_eq!(rt.capacity().warm, budget());
+    let s = rt
+        .start(start("sbxw", SandboxSource::Template(t.clone()), "tok-w"))
+        .await
+        .unwrap();
+    assert!(s.from_warm_pool);
+    assert_eq!(
+        sh(&rt, "sbxw", "tok-w", "echo $FIRKIN_TEST_VAR").await.1,
+        "sbxw"
+    );
+    assert_eq!(rt.capacity().warm, ResourceBudget::ZERO);
+    rt.set_warm_pool(t, 0);
+    rt.shutdown().await;
+    assert!(qemus_under(&sandboxes).is_empty());
+}
