@@ -57,6 +57,8 @@ pub struct EnvdTarget {
     pub base_url: String,
     pub sandbox_id: Option<String>,
     pub access_token: Option<String>,
+    /// Run commands as this user (E2B's `user=`), else the agent's default user.
+    pub user: Option<String>,
 }
 
 impl Api {
@@ -175,12 +177,33 @@ impl Api {
         }
     }
 
+    /// `GET /firkin/v1/status`, as JSON.
+    pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
+        let url = format!("{}/firkin/v1/status", self.api_url);
+        let (status, body) = self
+            .send(Method::GET, url.clone(), &self.cp_headers(), Bytes::new())
+            .await?;
+        if status != StatusCode::OK {
+            return Err(ClientError::Status {
+                method: Method::GET,
+                url,
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
+            url,
+            reason: e.to_string(),
+        })
+    }
+
     /// The sandbox-plane target of a created sandbox.
     pub fn envd(&self, created: &Created) -> EnvdTarget {
         EnvdTarget {
             base_url: self.sandbox_url.clone(),
             sandbox_id: Some(created.sandbox_id.clone()),
             access_token: created.envd_access_token.clone(),
+            user: None,
         }
     }
 
@@ -192,6 +215,10 @@ impl Api {
         }
         if let Some(tok) = &t.access_token {
             h.push(("X-Access-Token", tok.clone()));
+        }
+        if let Some(user) = &t.user {
+            let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:"));
+            h.push(("Authorization", format!("Basic {basic}")));
         }
         h
     }

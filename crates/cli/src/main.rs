@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod client;
 mod doctor;
 mod sandbox;
@@ -38,6 +39,7 @@ enum Command {
     Template(template::TemplateCommand),
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCommand),
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,5 +76,6 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Doctor(args) => doctor::run(args).await,
         Command::Template(cmd) => template::run(cmd).await,
         Command::Sandbox(cmd) => sandbox::run(cmd).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }
