@@ -9,6 +9,7 @@ tests/sdk/run-serve.sh builds everything and runs this file.
 import concurrent.futures
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +41,10 @@ BACKEND = os.environ.get("FIRKIN_TEST_BACKEND", "qemu")
 CACHE = os.environ.get("FIRKIN_CACHE_DIR", str(Path.home() / ".firkin" / "cache"))
 # The first start may build the default template (minutes under TCG).
 READY_TIMEOUT = float(os.environ.get("FIRKIN_TEST_READY_TIMEOUT", "1800"))
+# Restored sandboxes each server keeps ready: the suite counts VMs against records.
+WARM = 1
+# The process each sandbox is: a VM, or a host agent.
+SANDBOX_PROCESS = b"qemu-system" if BACKEND == "qemu" else b"firkin-envd"
 
 
 def free_port() -> int:
@@ -65,6 +70,41 @@ def processes_mentioning(path: str) -> list[int]:
     return out
 
 
+def sandbox_processes(state_dir: str) -> list[int]:
+    """A server's sandbox processes (their run directories are on their command lines), each
+    checked to be what the backend runs, so that a VM test cannot pass on something else."""
+    pids = processes_mentioning(os.path.join(state_dir, "sandboxes"))
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        assert SANDBOX_PROCESS in cmd, (pid, cmd)
+    return pids
+
+
+def wait_for_sandbox_processes(state_dir: str, want: int, timeout: float = 60) -> None:
+    """Waits until exactly `want` sandbox processes run (the warm pool refills in the
+    background, stopped VMs take a moment to exit)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = sandbox_processes(state_dir)
+        if len(pids) == want:
+            return
+        assert time.monotonic() < deadline, f"expected {want} sandbox processes, found {pids}"
+        time.sleep(0.2)
+
+
+def assert_every_process_has_a_record(server: "Serve") -> None:
+    """Every sandbox process is a running sandbox the API lists or the warm pool; every
+    running sandbox listed has its process."""
+    running = [
+        x for x in Sandbox.list(**server.opts()).next_items() if x.state == SandboxState.RUNNING
+    ]
+    wait_for_sandbox_processes(server.state_dir, len(running) + WARM)
+
+
 class Serve:
     """One `firkin serve` process."""
 
@@ -86,7 +126,16 @@ class Serve:
         )
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [FIRKIN, "serve", "--listen", f"127.0.0.1:{self.port}", "--backend", BACKEND],
+            [
+                FIRKIN,
+                "serve",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--backend",
+                BACKEND,
+                "--warm-pool",
+                f"base={WARM}",
+            ],
             stdout=subprocess.PIPE,
             stderr=self.log,
             env=env,
@@ -130,9 +179,14 @@ class Serve:
 
 
 @pytest.fixture(scope="session")
-def workdir():
+def workdir(request):
     d = tempfile.mkdtemp(prefix="firkin-sdk-")
     yield d
+    # Kept when something failed: the servers' logs are in it.
+    if request.session.testsfailed:
+        print(f"\nfirkin serve logs and state: {d}")
+    else:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -144,6 +198,8 @@ def server(workdir):
     os.environ["E2B_API_KEY"] = s.key
     yield s
     s.stop()
+    # A clean stop stops every VM.
+    wait_for_sandbox_processes(s.state_dir, 0, timeout=20)
 
 
 @pytest.fixture
@@ -216,6 +272,8 @@ def test_a_sandbox_that_times_out_is_gone(server):
     assert Sandbox.kill(sid) is False
     with pytest.raises(NotFoundException):
         Sandbox.get_info(sid)
+    # Its VM is gone too, not just its record.
+    assert_every_process_has_a_record(server)
 
 
 def test_kill_then_404(server):
@@ -227,6 +285,7 @@ def test_kill_then_404(server):
     with pytest.raises(Exception):
         Sandbox.connect(s.sandbox_id)
     assert not s.is_running()
+    assert_every_process_has_a_record(server)
 
 
 def test_wrong_api_key_is_an_authentication_error(server):
@@ -247,9 +306,15 @@ def test_ten_concurrent_creates_all_succeed(server):
             )
         )
         assert outs == [f"{s.sandbox_id}\n" for s in sandboxes]
+        if BACKEND == "qemu":
+            # Ten sandboxes, ten separate VMs (each named after its sandbox by /init).
+            hosts = [s.commands.run("hostname").stdout.strip() for s in sandboxes]
+            assert hosts == [s.sandbox_id for s in sandboxes]
+        assert len(sandbox_processes(server.state_dir)) >= 10
     finally:
         for s in sandboxes:
             s.kill()
+    assert_every_process_has_a_record(server)
 
 
 # ---------------------------------------------------------------- commands through the proxy
@@ -299,6 +364,7 @@ def test_stdin_and_kill(sbx):
     assert sbx.commands.kill(h.pid) is True
     t.join(20)
     assert not t.is_alive()
+    assert h.pid not in [p.pid for p in sbx.commands.list()]
 
 
 def test_pty(sbx):
@@ -324,6 +390,8 @@ def test_pty(sbx):
         assert b"42x" in out, bytes(out)
     assert sbx.pty.kill(h.pid) is True
     t.join(20)
+    assert not t.is_alive()
+    assert h.pid not in [p.pid for p in sbx.commands.list()]
 
 
 # ---------------------------------------------------------------- files through the proxy
@@ -384,17 +452,27 @@ def test_pause_list_connect_resumes_with_files_intact(server):
     try:
         s.files.write("/tmp/paused.txt", "survives")
         s.files.write("pause-home.txt", "home too")
+        if BACKEND == "qemu":
+            # A VM's pause keeps its memory: a running process and a tmpfs file survive it.
+            sleeper = s.commands.run("sleep 600", background=True)
+            s.commands.run("echo in-ram > /dev/shm/pause-marker")
         assert s.pause() is True
         assert Sandbox.pause(sid) is False  # already paused (409)
         paused = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
         assert sid in [x.sandbox_id for x in paused]
         assert Sandbox.get_info(sid).state == SandboxState.PAUSED
+        # Paused is not running: its VM is gone, only the snapshot remains.
+        assert_every_process_has_a_record(server)
         r = Sandbox.connect(sid)
         assert r.sandbox_id == sid
         assert r.files.read("/tmp/paused.txt") == "survives"
         assert r.files.read("pause-home.txt") == "home too"
         assert r.commands.run("echo alive").stdout == "alive\n"
+        if BACKEND == "qemu":
+            assert sleeper.pid in [p.pid for p in r.commands.list()]
+            assert r.commands.run("cat /dev/shm/pause-marker").stdout == "in-ram\n"
         assert Sandbox.get_info(sid).state == SandboxState.RUNNING
+        assert_every_process_has_a_record(server)
     finally:
         Sandbox.kill(sid)
 
@@ -445,10 +523,13 @@ def test_kill_9_with_three_running_then_restart(workdir):
     s = Serve(state, "e2b_" + secrets.token_hex(20))
     try:
         sandboxes = [Sandbox.create(timeout=600, **s.opts()) for _ in range(3)]
+        for x in sandboxes:
+            assert x.commands.run("echo up").stdout == "up\n"
         paused = Sandbox.create(timeout=600, **s.opts())
         paused.files.write("/tmp/crash-paused.txt", "kept")
         assert paused.pause() is True
-        assert len(processes_mentioning(state)) >= 3
+        # Three running sandboxes and the warm pool are live VMs; the paused one is not.
+        wait_for_sandbox_processes(state, 3 + WARM)
         s.crash()
         # The VMs die with the server (PDEATHSIG): nothing runs without a server that knows it.
         deadline = time.monotonic() + 20
@@ -457,6 +538,8 @@ def test_kill_9_with_three_running_then_restart(workdir):
         assert processes_mentioning(state) == [], "sandbox processes outlived the server"
 
         s.start()
+        # Nothing runs that the new server did not start itself (its warm pool).
+        wait_for_sandbox_processes(state, WARM)
         listed = {x.sandbox_id: x.state for x in Sandbox.list(**s.opts()).next_items()}
         # Running ones could not be re-adopted: cleaned up, not listed. The paused one stays.
         assert listed == {paused.sandbox_id: SandboxState.PAUSED}, listed
@@ -466,9 +549,13 @@ def test_kill_9_with_three_running_then_restart(workdir):
         assert back.files.read("/tmp/crash-paused.txt") == "kept"
         fresh = Sandbox.create(timeout=60, **s.opts())
         assert fresh.commands.run("echo fresh").stdout == "fresh\n"
-        # Every running VM process has a record.
-        running = {x.sandbox_id for x in Sandbox.list(**s.opts()).next_items()}
-        assert running == {paused.sandbox_id, fresh.sandbox_id}
+        listed = {x.sandbox_id: x.state for x in Sandbox.list(**s.opts()).next_items()}
+        assert listed == {
+            paused.sandbox_id: SandboxState.RUNNING,
+            fresh.sandbox_id: SandboxState.RUNNING,
+        }, listed
+        # Every VM process has a record, and every record its VM.
+        assert_every_process_has_a_record(s)
     finally:
         s.stop()
     assert processes_mentioning(state) == []

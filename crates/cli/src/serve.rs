@@ -275,6 +275,25 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             ..BuildTemplateRequest::default()
         })?)
     };
+    if matches!(
+        ensure,
+        Some(EnsureTemplate::Adopted { .. } | EnsureTemplate::Ready)
+    ) {
+        // Before serving, so that the first create does not pay for hashing the template (a
+        // template adopted into a new state directory has never been hashed by this server).
+        let began = std::time::Instant::now();
+        match server
+            .verify_template(firkin_server::app::DEFAULT_TEMPLATE)
+            .await
+        {
+            Ok(_) => tracing::info!(
+                ms = began.elapsed().as_millis() as u64,
+                "default template verified"
+            ),
+            // Creates from it will fail the same check and say so; other templates still work.
+            Err(err) => tracing::error!(%err, "the default template does not verify"),
+        }
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         tokio::select! {

@@ -1,5 +1,8 @@
-//! The `firkin` binary end to end: `serve` (process backend), the client commands against it,
-//! and `kill -9` of the server followed by a restart.
+//! The `firkin` binary end to end: `serve`, the client commands against it, and `kill -9` of
+//! the server followed by a restart; on the process backend and (the `vm_*` tests) on real
+//! QEMU microVMs. The VM tests use the shared cache (`$FIRKIN_CACHE_DIR`, else
+//! `~/.firkin/cache`): they adopt a finished `base` build there, or build it (minutes under
+//! TCG). They need `scripts/setup-guest.sh` to have run; a missing asset fails them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
@@ -34,28 +37,60 @@ fn free_port() -> u16 {
         .port()
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Process,
+    Qemu,
+}
+
+/// The cache VM servers share with every other firkin on this machine.
+fn shared_cache_dir() -> PathBuf {
+    std::env::var_os("FIRKIN_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".firkin/cache")
+        })
+}
+
 struct Serve {
     child: Child,
     url: String,
     state: PathBuf,
+    backend: Backend,
 }
 
-fn serve(state: &Path, cache: &Path, port: u16) -> Serve {
-    let mut child = Command::new(firkin())
-        .args(["serve", "--backend", "process", "--listen"])
+/// Starts `firkin serve`. A VM server uses the shared cache (`cache` is ignored) and may build
+/// `base` first; VM servers start one at a time so that a clean machine builds it once.
+fn serve(state: &Path, cache: &Path, port: u16, backend: Backend) -> Serve {
+    static VM_STARTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one =
+        (backend == Backend::Qemu).then(|| VM_STARTS.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut cmd = Command::new(firkin());
+    cmd.args(["serve", "--listen"])
         .arg(format!("127.0.0.1:{port}"))
-        .arg("--envd-bin")
-        .arg(envd())
         .env("FIRKIN_STATE_DIR", state)
-        .env("FIRKIN_CACHE_DIR", cache)
         .env("FIRKIN_API_KEY", KEY)
         .env("FIRKIN_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::null());
+    let ready_within = match backend {
+        Backend::Process => {
+            cmd.args(["--backend", "process", "--envd-bin"])
+                .arg(envd())
+                .env("FIRKIN_CACHE_DIR", cache);
+            Duration::from_secs(60)
+        }
+        Backend::Qemu => {
+            // No warm pool: the tests count VMs, and a refill would race with the counts.
+            cmd.args(["--backend", "qemu", "--warm-pool", "base=0"])
+                .env("FIRKIN_CACHE_DIR", shared_cache_dir());
+            // A first build of `base` on a busy machine.
+            Duration::from_secs(1800)
+        }
+    };
+    let mut child = cmd.spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + ready_within;
     let mut banner = String::new();
     loop {
         let mut line = String::new();
@@ -75,6 +110,7 @@ fn serve(state: &Path, cache: &Path, port: u16) -> Serve {
         child,
         url: format!("http://127.0.0.1:{port}"),
         state: state.to_path_buf(),
+        backend,
     }
 }
 
@@ -115,11 +151,61 @@ fn processes_mentioning(dir: &Path) -> Vec<u32> {
     firkin_server::procfs::processes_referencing(dir)
 }
 
+impl Serve {
+    /// Sandboxes kept warm: `serve`'s default pool for the process backend, none for VMs.
+    fn warm_depth(&self) -> usize {
+        match self.backend {
+            Backend::Process => 1,
+            Backend::Qemu => 0,
+        }
+    }
+
+    /// Waits until exactly `n` sandbox processes run (a warm pool refills in the background).
+    fn await_sandbox_processes(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let pids = self.sandbox_processes();
+            if pids.len() == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} sandbox processes, found {pids:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Its sandbox processes, each checked to be what the backend runs.
+    fn sandbox_processes(&self) -> Vec<u32> {
+        let pids = processes_mentioning(&self.state.join("sandboxes"));
+        for &pid in &pids {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let kind = match self.backend {
+                Backend::Process => "firkin-envd",
+                Backend::Qemu => "qemu-system",
+            };
+            assert!(cmd.contains(kind), "{pid} is not a {kind}: {cmd}");
+        }
+        pids
+    }
+}
+
 #[test]
 fn serve_and_the_client_commands() {
+    serve_and_the_client_commands_on(Backend::Process);
+}
+
+#[test]
+fn vm_serve_and_the_client_commands() {
+    serve_and_the_client_commands_on(Backend::Qemu);
+}
+
+fn serve_and_the_client_commands_on(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let (state, cache) = (dir.path().join("state"), dir.path().join("cache"));
-    let s = serve(&state, &cache, free_port());
+    let s = serve(&state, &cache, free_port(), backend);
     let key = format!("--api-key={KEY}");
 
     let id = s.ok(&[
@@ -142,6 +228,7 @@ fn serve_and_the_client_commands() {
         "for i in $(seq $N); do echo $i; done; exit 4",
     ]);
     assert_eq!((code, out.as_str()), (4, "1\n2\n3\n"));
+    assert_eq!(s.sandbox_processes().len(), 1 + s.warm_depth());
 
     let listed: serde_json::Value =
         serde_json::from_str(&s.ok(&["sandbox", "ls", &key, "--metadata", "team=cli", "--json"]))
@@ -152,17 +239,20 @@ fn serve_and_the_client_commands() {
             .unwrap();
     assert_eq!(none, serde_json::json!([]));
 
-    let built: serde_json::Value = serde_json::from_str(&s.ok(&[
-        "template", "build", &key, "tools", "--cpus", "1", "--run", "true", "--json",
-    ]))
-    .unwrap();
-    assert_eq!(built["status"], "ready");
-    let ls = s.ok(&["template", "ls", &key]);
-    assert!(ls.contains("tools") && ls.contains("base"), "{ls}");
-    s.ok(&["template", "rm", &key, "tools"]);
-    let (code, _, err) = s.cli(&["template", "rm", &key, "tools"]);
-    assert_eq!(code, 1);
-    assert!(err.contains("404"), "{err}");
+    if backend == Backend::Process {
+        // A VM template build is `vm_template_build_create_and_rm`.
+        let built: serde_json::Value = serde_json::from_str(&s.ok(&[
+            "template", "build", &key, "tools", "--cpus", "1", "--run", "true", "--json",
+        ]))
+        .unwrap();
+        assert_eq!(built["status"], "ready");
+        let ls = s.ok(&["template", "ls", &key]);
+        assert!(ls.contains("tools") && ls.contains("base"), "{ls}");
+        s.ok(&["template", "rm", &key, "tools"]);
+        let (code, _, err) = s.cli(&["template", "rm", &key, "tools"]);
+        assert_eq!(code, 1);
+        assert!(err.contains("404"), "{err}");
+    }
 
     s.ok(&["sandbox", "kill", &key, &id]);
     let (code, _, err) = s.cli(&["sandbox", "kill", &key, &id]);
@@ -171,14 +261,86 @@ fn serve_and_the_client_commands() {
     let (code, _, err) = s.cli(&["sandbox", "ls", "--api-key=wrong"]);
     assert_eq!(code, 1);
     assert!(err.contains("401"), "{err}");
+    s.await_sandbox_processes(s.warm_depth());
+}
+
+/// A real template build on VMs: `--run` commands are baked into the snapshot that sandboxes
+/// of the template start from. Builds a root filesystem and boots it: minutes under TCG.
+#[test]
+fn vm_template_build_create_and_rm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, cache) = (dir.path().join("state"), dir.path().join("cache"));
+    let s = serve(&state, &cache, free_port(), Backend::Qemu);
+    let key = format!("--api-key={KEY}");
+    let name = format!("clitest-{}", std::process::id());
+    let built: serde_json::Value = serde_json::from_str(&s.ok(&[
+        "template",
+        "build",
+        &key,
+        &name,
+        "--cpus",
+        "1",
+        "--memory-mb",
+        "384",
+        "--run",
+        "echo baked > /etc/firkin-cli-test",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(built["status"], "ready", "{built}");
+    let build_dir = shared_cache_dir()
+        .join("templates")
+        .join(&name)
+        .join(built["buildID"].as_str().unwrap());
+    assert!(build_dir.join("firkin-template.json").is_file());
+    let ls = s.ok(&["template", "ls", &key]);
+    assert!(ls.contains(&name) && ls.contains("base"), "{ls}");
+
+    let id = s
+        .ok(&["sandbox", "create", &key, "--template", &name])
+        .trim()
+        .to_owned();
+    let (code, out, err) = s.cli(&[
+        "sandbox",
+        "exec",
+        &key,
+        &id,
+        "--",
+        "cat /etc/firkin-cli-test; nproc; free -m | awk '/Mem:/{print ($2 < 384)}'",
+    ]);
+    assert_eq!((code, out.as_str()), (0, "baked\n1\n1\n"), "{err}");
+    let (code, _, err) = s.cli(&["template", "rm", &key, &name]);
+    assert_eq!(code, 1, "a template in use must not be deleted");
+    assert!(err.contains("409"), "{err}");
+    s.ok(&["sandbox", "kill", &key, &id]);
+    s.ok(&["template", "rm", &key, &name]);
+    assert!(
+        !build_dir.exists(),
+        "the build left {}",
+        build_dir.display()
+    );
+    let (code, _, err) = s.cli(&["template", "rm", &key, &name]);
+    assert_eq!(code, 1);
+    assert!(err.contains("404"), "{err}");
 }
 
 #[test]
 fn kill_9_then_restart_leaves_nothing_behind() {
+    kill_9_then_restart_leaves_nothing_behind_on(Backend::Process);
+}
+
+/// The real thing: QEMUs die with a SIGKILLed server (PDEATHSIG); the restarted server lists
+/// only what exists and resumes the paused VM from its snapshot.
+#[test]
+fn vm_kill_9_then_restart_leaves_nothing_behind() {
+    kill_9_then_restart_leaves_nothing_behind_on(Backend::Qemu);
+}
+
+fn kill_9_then_restart_leaves_nothing_behind_on(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let (state, cache) = (dir.path().join("state"), dir.path().join("cache"));
     let port = free_port();
-    let mut s = serve(&state, &cache, port);
+    let mut s = serve(&state, &cache, port, backend);
     let key = format!("--api-key={KEY}");
     let mut ids = Vec::new();
     for _ in 0..3 {
@@ -194,11 +356,12 @@ fn kill_9_then_restart_leaves_nothing_behind() {
         "echo kept > note.txt",
     ]);
     s.ok(&["sandbox", "pause", &key, &paused]);
-    assert!(processes_mentioning(&state.join("sandboxes")).len() >= 3);
+    // The three running sandboxes (and the warm pool) are live processes; the paused one is not.
+    s.await_sandbox_processes(3 + s.warm_depth());
 
     s.child.kill().unwrap(); // SIGKILL
     s.child.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while !processes_mentioning(&state.join("sandboxes")).is_empty() {
         assert!(
             Instant::now() < deadline,
@@ -208,17 +371,24 @@ fn kill_9_then_restart_leaves_nothing_behind() {
     }
     drop(s);
 
-    let s = serve(&state, &cache, port);
+    let s = serve(&state, &cache, port, backend);
+    // Nothing runs that the new server did not start (only its warm pool, if any).
+    s.await_sandbox_processes(s.warm_depth());
     let listed: serde_json::Value =
         serde_json::from_str(&s.ok(&["sandbox", "ls", &key, "--json"])).unwrap();
-    let listed: Vec<&str> = listed
+    let listed: Vec<(&str, &str)> = listed
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| v["sandboxID"].as_str().unwrap())
+        .map(|v| {
+            (
+                v["sandboxID"].as_str().unwrap(),
+                v["state"].as_str().unwrap(),
+            )
+        })
         .collect();
     // The running ones died with the server and are not listed; the paused one is.
-    assert_eq!(listed, vec![paused.as_str()]);
+    assert_eq!(listed, vec![(paused.as_str(), "paused")]);
     for id in &ids {
         let (code, _, _) = s.cli(&["sandbox", "kill", &key, id]);
         assert_eq!(code, 1, "{id} should be gone");
@@ -226,4 +396,5 @@ fn kill_9_then_restart_leaves_nothing_behind() {
     s.ok(&["sandbox", "resume", &key, &paused]);
     let (code, out, _) = s.cli(&["sandbox", "exec", &key, &paused, "--", "cat note.txt"]);
     assert_eq!((code, out.as_str()), (0, "kept\n"));
+    s.await_sandbox_processes(1 + s.warm_depth());
 }

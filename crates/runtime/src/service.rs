@@ -982,6 +982,7 @@ where
             .await;
             match outcome {
                 Ok(session) => {
+                    session.warm_up().await;
                     let mut st = lock(&self.inner.state);
                     st.warm.entry(key).or_default().push_back(Warm {
                         session,

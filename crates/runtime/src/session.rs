@@ -54,6 +54,11 @@ pub trait SandboxSession: Send + Sync + 'static {
     /// Configures the agent (`POST /init`); also proves it answers.
     async fn init(&self, init: &EnvdInit) -> Result<(), Self::Error>;
 
+    /// Exercises the paths a first request takes, for a sandbox parked in a warm pool: under
+    /// software emulation a restored VM starts with no translated code, so whatever runs first
+    /// pays for translating it. Best effort; the default does nothing.
+    async fn warm_up(&self) {}
+
     /// Saves RAM, device state and disk into `dir` so the sandbox can be resumed later, then
     /// stops the VM.
     async fn save_continuation(&self, dir: &Path) -> Result<ContinuationSaved, Self::Error>;

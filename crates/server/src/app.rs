@@ -8,13 +8,14 @@
 //! a state the server really was in.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use base64::Engine;
 use firkin_admission::ResourceBudget;
+use firkin_artifacts::{DigestCache, SnapshotArtifactIntegrity};
 use firkin_e2b_contract::ENVD_PORT;
 use firkin_e2b_wire::{
     ListedSandbox, OnTimeout, Sandbox, SandboxCreateRequest, SandboxDetail, SandboxLifecycle,
@@ -45,7 +46,8 @@ use crate::store::{
     TemplateRecord,
 };
 use crate::templates::{
-    BuildProgress, TemplateBuildRequest, TemplateBuilder, write_template_manifest,
+    BuildProgress, TemplateBuildRequest, TemplateBuilder, build_fingerprint,
+    write_template_manifest,
 };
 use crate::types::{BuildStatusResponse, BuildTemplateRequest};
 
@@ -597,6 +599,7 @@ impl App {
                     return Err(store_err(err));
                 }
                 tracing::info!(sandbox = %id, ms = started.elapsed().as_millis() as u64, "sandbox paused");
+                self.warm_digests_later(snap.descriptor, snap.integrity);
                 Ok(())
             }
             Err(err) => {
@@ -611,6 +614,22 @@ impl App {
                 }
             }
         }
+    }
+
+    /// A pause has just written its snapshot, too recently for the digest cache to keep the
+    /// digests the seal computed (see `DigestCache`'s racy window), so a resume would hash the
+    /// whole RAM image again. Hashing once more just past the window, in the background, makes
+    /// a later resume's integrity check one `stat` per file.
+    fn warm_digests_later(&self, descriptor: PathBuf, integrity: SnapshotArtifactIntegrity) {
+        let rt = Arc::clone(&self.rt);
+        tokio::spawn(async move {
+            tokio::time::sleep(DigestCache::DEFAULT_RACY_WINDOW + Duration::from_millis(250)).await;
+            // A snapshot resumed or deleted meanwhile fails here harmlessly; a restore verifies
+            // on its own either way.
+            if let Err(err) = rt.warm_digests(descriptor, integrity).await {
+                tracing::debug!(%err, "pre-hashing a paused sandbox's snapshot");
+            }
+        });
     }
 
     /// `connect`: a running sandbox is returned as is (its lifetime extended to `timeout` if
@@ -1108,7 +1127,13 @@ impl App {
                         req.dir.display()
                     ));
                 }
-                write_template_manifest(&req.dir, &snap, ENVD_VERSION, now)
+                let fingerprint = build_fingerprint(
+                    self.builder.as_ref(),
+                    req.source.as_ref(),
+                    &req.commands,
+                    req.budget,
+                );
+                write_template_manifest(&req.dir, &snap, ENVD_VERSION, now, fingerprint)
                     .map_err(|e| e.to_string())?;
                 Ok(snap)
             });
@@ -1258,7 +1283,7 @@ fn public_state(s: RecordState) -> SandboxState {
     }
 }
 
-fn budget_of(spec: &BuildTemplateRequest) -> Result<ResourceBudget, ApiError> {
+pub(crate) fn budget_of(spec: &BuildTemplateRequest) -> Result<ResourceBudget, ApiError> {
     let d = DEFAULT_TEMPLATE_BUDGET;
     let cpus = spec.cpu_count.unwrap_or(d.cpus);
     let memory = spec.memory_mb.unwrap_or(d.memory.as_mib());

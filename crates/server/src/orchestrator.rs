@@ -6,15 +6,28 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
+use firkin_artifacts::{SealError, SealedSnapshot, SnapshotArtifactIntegrity};
 use firkin_runtime::{
     CapacityStatus, PausedSandbox, RuntimeError, SandboxExit, SandboxRuntime, SandboxSession,
     SnapshotSessionLauncher, StartSandbox, StartedSandbox, TemplateSnapshot,
 };
 use firkin_types::SandboxId;
 use tokio::sync::broadcast;
+
+/// Pre-hashing a snapshot into the runtime's digest cache failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmDigestsError {
+    #[error("snapshot {descriptor} does not verify: {source}")]
+    Verify {
+        descriptor: PathBuf,
+        source: SealError,
+    },
+    #[error("the hashing task for {descriptor} failed: {reason}")]
+    Task { descriptor: PathBuf, reason: String },
+}
 
 #[async_trait]
 pub trait Orchestrator: Send + Sync + 'static {
@@ -31,6 +44,15 @@ pub trait Orchestrator: Send + Sync + 'static {
     /// Starts the warm-pool refill loop (call once).
     fn spawn_warm_pool(&self);
     async fn shutdown(&self);
+    /// Verifies a sealed snapshot (descriptor and every component) through the runtime's
+    /// digest cache, so that its next restore costs one `stat` per file instead of hashing
+    /// gigabytes on a create's or resume's hot path. Files younger than the cache's racy window
+    /// are hashed but not cached: call this once that window has passed.
+    async fn warm_digests(
+        &self,
+        descriptor: PathBuf,
+        integrity: SnapshotArtifactIntegrity,
+    ) -> Result<(), WarmDigestsError>;
 }
 
 #[async_trait]
@@ -86,5 +108,24 @@ where
 
     async fn shutdown(&self) {
         SandboxRuntime::shutdown(self).await;
+    }
+
+    async fn warm_digests(
+        &self,
+        descriptor: PathBuf,
+        integrity: SnapshotArtifactIntegrity,
+    ) -> Result<(), WarmDigestsError> {
+        let rt = self.clone();
+        let path = descriptor.clone();
+        // Hashing reads whole files: keep it off the async workers.
+        tokio::task::spawn_blocking(move || {
+            SealedSnapshot::verify(&path, &integrity, rt.digest_cache()).map(drop)
+        })
+        .await
+        .map_err(|e| WarmDigestsError::Task {
+            descriptor: descriptor.clone(),
+            reason: e.to_string(),
+        })?
+        .map_err(|source| WarmDigestsError::Verify { descriptor, source })
     }
 }

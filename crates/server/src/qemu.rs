@@ -1,7 +1,7 @@
 //! The QEMU backend's template builder, adapted to the server's [`TemplateBuilder`] trait.
 //! The build itself (rootfs, boot, prepare, snapshot, seal) is `firkin_runtime::qemu`'s.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use firkin_artifacts::DigestCache;
@@ -17,6 +17,7 @@ pub struct QemuTemplateBuilder {
     assets: GuestAssets,
     accel: AccelDecision,
     cache: Arc<DigestCache>,
+    fingerprint: OnceLock<Option<String>>,
 }
 
 impl QemuTemplateBuilder {
@@ -25,7 +26,24 @@ impl QemuTemplateBuilder {
             assets,
             accel,
             cache,
+            fingerprint: OnceLock::new(),
         }
+    }
+
+    /// SHA-256 over the digests of everything a build copies into the guest: kernel, modules,
+    /// `firkin-init`, `firkin-envd`.
+    fn hash_assets(&self) -> Result<String, std::io::Error> {
+        use sha2::{Digest, Sha256};
+        let k = &self.assets.kernel;
+        let files = std::iter::once(("kernel", &k.vmlinuz))
+            .chain(k.modules.iter().map(|m| ("module", m)))
+            .chain([("init", &self.assets.init), ("envd", &self.assets.envd)]);
+        let mut all = Sha256::new();
+        for (role, path) in files {
+            let (d, _) = self.cache.digest(path)?;
+            all.update(format!("{role} {} {}\n", d.size_bytes, d.sha256_hex).as_bytes());
+        }
+        Ok(hex::encode(all.finalize()))
     }
 }
 
@@ -70,5 +88,22 @@ impl TemplateBuilder for QemuTemplateBuilder {
             }
             Err(e) => Err(TemplateBuildError::with_source(e.to_string(), e)),
         }
+    }
+
+    fn guest_fingerprint(&self) -> Option<String> {
+        self.fingerprint
+            .get_or_init(|| match self.hash_assets() {
+                Ok(f) => Some(f),
+                Err(err) => {
+                    // Without it any finished build is adopted, as before fingerprints.
+                    tracing::warn!(%err, "cannot hash the guest assets; cached templates are adopted unchecked");
+                    None
+                }
+            })
+            .clone()
+    }
+
+    fn default_source(&self) -> Option<firkin_runtime::qemu::RootfsSource> {
+        Some(base_template())
     }
 }

@@ -21,7 +21,9 @@ use crate::auth::{self, KeyRing};
 use crate::orchestrator::Orchestrator;
 use crate::procfs;
 use crate::store::{BuildStatus, RecordState, Store, StoreError, TemplateRecord};
-use crate::templates::{BuildProgress, TemplateBuilder, find_cached_build};
+use crate::templates::{
+    BuildProgress, TemplateBuilder, build_fingerprint, find_cached_build, read_template_manifest,
+};
 use crate::types::BuildTemplateRequest;
 
 #[derive(Debug, thiserror::Error)]
@@ -243,16 +245,42 @@ impl Server {
             message,
         };
         let id = TemplateId::new(&spec.template_id).map_err(|e| terr(e.to_string()))?;
-        if self.app.store.template(id.as_str())?.is_some() {
+        let budget = crate::app::budget_of(&spec).map_err(|e| terr(e.message))?;
+        let fingerprint = build_fingerprint(
+            self.app.builder.as_ref(),
+            spec.from.as_ref(),
+            &spec.commands,
+            budget,
+        );
+        if let Some(t) = self.app.store.template(id.as_str())? {
+            // Kept as is (sandboxes, paused ones too, may depend on its files), but a template
+            // from other guest binaries is worth a word: an upgraded agent is not in it.
+            let built = t
+                .descriptor
+                .parent()
+                .and_then(read_template_manifest)
+                .and_then(|m| m.fingerprint);
+            if fingerprint.is_some() && built != fingerprint {
+                tracing::warn!(
+                    template = %id,
+                    "template was built from other guest binaries or another recipe; rebuild it \
+                     with `firkin template build {id} --force` to pick them up"
+                );
+            }
             return Ok(EnsureTemplate::Ready);
         }
         if let Some((build_id, progress)) = self.app.building(id.as_str()) {
             return Ok(EnsureTemplate::Building { build_id, progress });
         }
-        let cache = firkin_artifacts::DigestCache::persistent(self.app.config.paths.digest_cache());
-        if let Some((manifest, snapshot)) =
-            find_cached_build(&self.app.config.paths.templates_dir(), &id, &cache)
-        {
+        // Only the small descriptor is hashed here. In memory: the runtime's cache persists to
+        // the same file, and two writers would drop each other's entries.
+        let cache = firkin_artifacts::DigestCache::in_memory();
+        if let Some((manifest, snapshot)) = find_cached_build(
+            &self.app.config.paths.templates_dir(),
+            &id,
+            &cache,
+            fingerprint.as_deref(),
+        ) {
             let now = now_ms();
             let record = TemplateRecord {
                 template_id: id.to_string(),
@@ -299,6 +327,25 @@ impl Server {
             .start_build(spec.clone())
             .map_err(|e| terr(e.message))?;
         Ok(EnsureTemplate::Building { build_id, progress })
+    }
+
+    /// Verifies the current build of `template` (descriptor and every component) into the
+    /// runtime's digest cache. A template adopted into a fresh state directory has not been
+    /// hashed by this server yet; doing it here, before serving, keeps gigabytes of hashing off
+    /// the first create. Returns `false` if the template does not exist.
+    pub async fn verify_template(&self, template: &str) -> Result<bool, ServerError> {
+        let Some(t) = self.app.store.template(template)? else {
+            return Ok(false);
+        };
+        self.app
+            .rt
+            .warm_digests(t.descriptor.clone(), t.integrity.clone())
+            .await
+            .map_err(|e| ServerError::Template {
+                template: template.to_owned(),
+                message: format!("{e}; rebuild it with `firkin template build {template} --force`"),
+            })?;
+        Ok(true)
     }
 
     /// Serves the control plane and the sandbox plane on `listener` until `shutdown` resolves;

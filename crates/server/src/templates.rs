@@ -66,6 +66,43 @@ pub trait TemplateBuilder: Send + Sync + 'static {
         request: &TemplateBuildRequest,
         progress: &BuildProgress,
     ) -> Result<TemplateSnapshot, TemplateBuildError>;
+
+    /// Identifies what this builder puts into every template (guest kernel, init, agent), so
+    /// that a finished build in the shared cache is adopted only if it was made from the same
+    /// guest binaries: a template holding an older `firkin-envd` would otherwise be served
+    /// after an upgrade. `None`: the builder has no such inputs.
+    fn guest_fingerprint(&self) -> Option<String> {
+        None
+    }
+
+    /// The root filesystem a request without `source` gets (part of the build fingerprint, so
+    /// that a change of the default image is not hidden by an adopted old build).
+    fn default_source(&self) -> Option<firkin_runtime::qemu::RootfsSource> {
+        None
+    }
+}
+
+/// Identifies a build's inputs: the builder's guest binaries and the recipe (root filesystem
+/// source, prepare commands, budget). Two builds with the same fingerprint are interchangeable.
+/// `None` when the builder has no guest fingerprint.
+pub fn build_fingerprint(
+    builder: &dyn TemplateBuilder,
+    source: Option<&firkin_runtime::qemu::RootfsSource>,
+    commands: &[String],
+    budget: ResourceBudget,
+) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let guest = builder.guest_fingerprint()?;
+    let source = source.cloned().or_else(|| builder.default_source());
+    let recipe = serde_json::json!({
+        "guest": guest,
+        "source": source,
+        "commands": commands,
+        "cpus": budget.cpus,
+        "memoryMiB": budget.memory.as_mib(),
+        "diskMiB": budget.disk.as_mib(),
+    });
+    Some(hex::encode(Sha256::digest(recipe.to_string().as_bytes())))
 }
 
 /// Live state of one build, shared between the builder, the API and `firkin serve`'s
@@ -189,6 +226,10 @@ pub struct TemplateManifest {
     pub disk_size_mb: u64,
     pub envd_version: String,
     pub created_ms: i64,
+    /// [`build_fingerprint`] of the build; absent in manifests of builders without one (and of
+    /// firkin versions before it), which a fingerprinting builder never adopts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 pub const TEMPLATE_MANIFEST: &str = "firkin-template.json";
@@ -210,6 +251,7 @@ pub fn write_template_manifest(
     snapshot: &TemplateSnapshot,
     envd_version: &str,
     created_ms: i64,
+    fingerprint: Option<String>,
 ) -> Result<TemplateManifest, ManifestError> {
     let descriptor = snapshot
         .descriptor
@@ -229,6 +271,7 @@ pub fn write_template_manifest(
         disk_size_mb: snapshot.budget.disk.as_mib(),
         envd_version: envd_version.to_owned(),
         created_ms,
+        fingerprint,
     };
     let path = dir.join(TEMPLATE_MANIFEST);
     let tmp = dir.join(format!("{TEMPLATE_MANIFEST}.tmp"));
@@ -243,13 +286,21 @@ pub fn write_template_manifest(
     Ok(manifest)
 }
 
+/// Reads a build directory's manifest, if it has a valid one.
+pub fn read_template_manifest(dir: &Path) -> Option<TemplateManifest> {
+    let text = std::fs::read(dir.join(TEMPLATE_MANIFEST)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
 /// The newest finished build of `template` in `<cache>/templates/<template>/`, if one verifies:
-/// its manifest parses and its descriptor matches the recorded size and digest. Components are
-/// verified by the runtime at every restore, through the digest cache.
+/// its manifest parses, its fingerprint is `fingerprint` (when one is given) and its descriptor
+/// matches the recorded size and digest. Components are verified by the runtime at every
+/// restore, through the digest cache.
 pub fn find_cached_build(
     templates_dir: &Path,
     template: &TemplateId,
     cache: &DigestCache,
+    fingerprint: Option<&str>,
 ) -> Option<(TemplateManifest, TemplateSnapshot)> {
     let root = templates_dir.join(template.as_str());
     let entries = std::fs::read_dir(&root).ok()?;
@@ -257,9 +308,17 @@ pub fn find_cached_build(
         .filter_map(Result::ok)
         .filter_map(|e| {
             let dir = e.path();
-            let text = std::fs::read(dir.join(TEMPLATE_MANIFEST)).ok()?;
-            let m: TemplateManifest = serde_json::from_slice(&text).ok()?;
+            let m = read_template_manifest(&dir)?;
             if m.template_id != template.as_str() || m.descriptor.contains('/') {
+                return None;
+            }
+            if let Some(want) = fingerprint
+                && m.fingerprint.as_deref() != Some(want)
+            {
+                tracing::info!(
+                    dir = %dir.display(),
+                    "cached build was made from other guest binaries or another recipe; not adopting it"
+                );
                 return None;
             }
             let descriptor = dir.join(&m.descriptor);

@@ -1,12 +1,13 @@
-//! The control plane end to end: a real server, real SQLite, real `firkin-envd` agents (the
-//! process backend), real HTTP.
+//! The control plane end to end: a real server, real SQLite, real HTTP, with real `firkin-envd`
+//! agents (the process backend). The `vm_*` variants run the same scenarios on real QEMU
+//! microVMs restored from the `base` template.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::time::Duration;
 
-use common::{KEY, Options, TestServer, envelope, eventually, take_envelopes};
+use common::{Backend, KEY, Options, TestServer, envelope, eventually, take_envelopes};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -260,7 +261,16 @@ async fn run(s: &TestServer, sb: &Value, cmd: &str) -> (String, i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_get_list_kill_round_trip() {
-    let s = TestServer::start(Options::default()).await;
+    create_get_list_kill_round_trip_on(Backend::Process).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_create_get_list_kill_round_trip() {
+    create_get_list_kill_round_trip_on(Backend::Qemu).await;
+}
+
+async fn create_get_list_kill_round_trip_on(backend: Backend) {
+    let s = TestServer::start(Options::on(backend)).await;
     let sb = s
         .create(r#"{"templateID":"base","timeout":120,"metadata":{"owner":"t1"},"envVars":{"GREETING":"hello from env"}}"#)
         .await;
@@ -291,6 +301,16 @@ async fn create_get_list_kill_round_trip() {
     // Env vars reached the agent through /init.
     let (out, code) = run(&s, &sb, "echo \"$GREETING\"").await;
     assert_eq!((out.as_str(), code), ("hello from env\n", 0));
+    // It is one sandbox process of the backend's kind (no warm pool here)...
+    assert_eq!(common::sandbox_processes(&s, backend).len(), 1);
+    if backend == Backend::Qemu {
+        // ...and a VM really runs the command: the guest kernel, named by /init.
+        let (out, _) = run(&s, &sb, "hostname; uname -r").await;
+        let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        assert!(out.starts_with(&format!("{id}\n")), "{out}");
+        assert!(out.contains("cloud-amd64"), "guest kernel: {out}");
+        assert_ne!(out.lines().nth(1), Some(host_kernel.trim()), "{out}");
+    }
 
     let d = s.api(Method::GET, &format!("/sandboxes/{id}"), "").await;
     assert_eq!(d.status, StatusCode::OK);
@@ -331,10 +351,12 @@ async fn create_get_list_kill_round_trip() {
     assert_eq!(v["code"], 502);
     assert_eq!(v["sandboxId"], id.as_str());
     assert!(v["message"].as_str().unwrap().contains("was not found"));
-    // No agent process is left.
-    eventually("agent exit", Duration::from_secs(5), async || {
-        common::processes_under(&s.state.join("sandboxes")).is_empty()
-    })
+    // No sandbox process is left.
+    eventually(
+        "sandbox process exit",
+        Duration::from_secs(30),
+        async || common::processes_under(&s.state.join("sandboxes")).is_empty(),
+    )
     .await;
 }
 
@@ -472,7 +494,16 @@ async fn list_filters_metadata_and_paginates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_then_connect_resumes_with_files_intact() {
-    let s = TestServer::start(Options::default()).await;
+    pause_then_connect_resumes_with_files_intact_on(Backend::Process).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_pause_then_connect_resumes_with_files_intact() {
+    pause_then_connect_resumes_with_files_intact_on(Backend::Qemu).await;
+}
+
+async fn pause_then_connect_resumes_with_files_intact_on(backend: Backend) {
+    let s = TestServer::start(Options::on(backend)).await;
     let sb = s.create(MIN).await;
     let id = sb["sandboxID"].as_str().unwrap().to_owned();
     let r = s
@@ -485,6 +516,18 @@ async fn pause_then_connect_resumes_with_files_intact() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // A VM's pause keeps its memory: a tmpfs file and the running kernel (its boot id) survive,
+    // which a cold boot or a disk-only snapshot would lose.
+    let vm_memory = "cat /proc/sys/kernel/random/boot_id; cat /dev/shm/marker";
+    let before = if backend == Backend::Qemu {
+        let (out, code) = run(&s, &sb, "echo in-ram > /dev/shm/marker").await;
+        assert_eq!((out.as_str(), code), ("", 0));
+        let (out, _) = run(&s, &sb, vm_memory).await;
+        assert!(out.ends_with("in-ram\n"), "{out}");
+        Some(out)
+    } else {
+        None
+    };
 
     let r = s
         .api(Method::POST, &format!("/sandboxes/{id}/pause"), "{}")
@@ -494,6 +537,13 @@ async fn pause_then_connect_resumes_with_files_intact() {
         .api(Method::POST, &format!("/sandboxes/{id}/pause"), "{}")
         .await;
     r.assert_error(StatusCode::CONFLICT);
+    // Paused is not running: no sandbox process is left.
+    eventually(
+        "the paused sandbox's process to exit",
+        Duration::from_secs(30),
+        async || common::sandbox_processes(&s, backend).is_empty(),
+    )
+    .await;
     let list = s
         .api(Method::GET, "/v2/sandboxes?state=paused", "")
         .await
@@ -530,6 +580,10 @@ async fn pause_then_connect_resumes_with_files_intact() {
         .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.text(), "kept across pause");
+    if let Some(before) = before {
+        assert_eq!(run(&s, &sb, vm_memory).await.0, before);
+    }
+    assert_eq!(common::sandbox_processes(&s, backend).len(), 1);
     let c = s
         .api(Method::POST, &format!("/v2/sandboxes/{id}/connect"), "{}")
         .await;
@@ -557,7 +611,16 @@ async fn pause_then_connect_resumes_with_files_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_resumes_an_auto_resume_sandbox() {
-    let s = TestServer::start(Options::default()).await;
+    traffic_resumes_an_auto_resume_sandbox_on(Backend::Process).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_traffic_resumes_an_auto_resume_sandbox() {
+    traffic_resumes_an_auto_resume_sandbox_on(Backend::Qemu).await;
+}
+
+async fn traffic_resumes_an_auto_resume_sandbox_on(backend: Backend) {
+    let s = TestServer::start(Options::on(backend)).await;
     let sb = s
         .create(r#"{"templateID":"base","autoPause":true,"autoResume":{"enabled":true}}"#)
         .await;
@@ -566,8 +629,15 @@ async fn traffic_resumes_an_auto_resume_sandbox() {
         .api(Method::POST, &format!("/sandboxes/{id}/pause"), "")
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
+    eventually(
+        "the pause to stop the sandbox",
+        Duration::from_secs(30),
+        async || common::sandbox_processes(&s, backend).is_empty(),
+    )
+    .await;
     let r = s.envd(&sb, Method::GET, "/health", &[], "").await;
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    assert_eq!(common::sandbox_processes(&s, backend).len(), 1);
     let d = s
         .api(Method::GET, &format!("/sandboxes/{id}"), "")
         .await
@@ -581,7 +651,16 @@ async fn traffic_resumes_an_auto_resume_sandbox() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_kill_pause_and_can_be_moved() {
-    let s = TestServer::start(Options::default()).await;
+    timeouts_kill_pause_and_can_be_moved_on(Backend::Process).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_timeouts_kill_pause_and_can_be_moved() {
+    timeouts_kill_pause_and_can_be_moved_on(Backend::Qemu).await;
+}
+
+async fn timeouts_kill_pause_and_can_be_moved_on(backend: Backend) {
+    let s = TestServer::start(Options::on(backend)).await;
     let doomed = s.create(r#"{"templateID":"base","timeout":1}"#).await;
     let paused = s
         .create(r#"{"templateID":"base","timeout":1,"autoPause":true}"#)
@@ -620,7 +699,7 @@ async fn timeouts_kill_pause_and_can_be_moved() {
     let doomed_id = doomed["sandboxID"].as_str().unwrap().to_owned();
     eventually(
         "the timed-out sandbox to go",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         async || {
             s.api(Method::GET, &format!("/sandboxes/{doomed_id}"), "")
                 .await
@@ -632,7 +711,7 @@ async fn timeouts_kill_pause_and_can_be_moved() {
     let paused_id = paused["sandboxID"].as_str().unwrap().to_owned();
     eventually(
         "the auto-pause sandbox to pause",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         async || {
             s.api(Method::GET, &format!("/sandboxes/{paused_id}"), "")
                 .await
@@ -648,11 +727,25 @@ async fn timeouts_kill_pause_and_can_be_moved() {
     assert_eq!(d["state"], "running");
     let r = s.envd(&doomed, Method::GET, "/health", &[], "").await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    // Only `kept` still has a process: the killed and the paused ones are really stopped.
+    eventually("one sandbox process", Duration::from_secs(30), async || {
+        common::sandbox_processes(&s, backend).len() == 1
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_come_from_the_agent() {
-    let s = TestServer::start(Options::default()).await;
+    metrics_come_from_the_agent_on(Backend::Process).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_metrics_come_from_the_agent() {
+    metrics_come_from_the_agent_on(Backend::Qemu).await;
+}
+
+async fn metrics_come_from_the_agent_on(backend: Backend) {
+    let s = TestServer::start(Options::on(backend)).await;
     let sb = s.create(MIN).await;
     let id = sb["sandboxID"].as_str().unwrap();
     let m = s
@@ -732,15 +825,24 @@ async fn a_full_host_refuses_fast_with_429() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_that_dies_disappears() {
-    let s = TestServer::start(Options::default()).await;
+    a_vm_that_dies_disappears_on(Backend::Process).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_a_vm_that_dies_disappears() {
+    a_vm_that_dies_disappears_on(Backend::Qemu).await;
+}
+
+async fn a_vm_that_dies_disappears_on(backend: Backend) {
+    let s = TestServer::start(Options::on(backend)).await;
     let sb = s.create(MIN).await;
     let id = sb["sandboxID"].as_str().unwrap().to_owned();
-    let pids = common::processes_under(&s.state.join("sandboxes"));
+    let pids = common::sandbox_processes(&s, backend);
     assert_eq!(pids.len(), 1, "{pids:?}");
     assert!(firkin_server::procfs::kill_pid(pids[0]));
     eventually(
         "the dead sandbox to be forgotten",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         async || {
             s.api(Method::GET, &format!("/sandboxes/{id}"), "")
                 .await
@@ -751,6 +853,12 @@ async fn a_vm_that_dies_disappears() {
     .await;
     let list = s.api(Method::GET, "/v2/sandboxes", "").await.json();
     assert_eq!(list, json!([]));
+    let r = s.envd(&sb, Method::GET, "/health", &[], "").await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    // Its capacity came back: a new sandbox starts and answers.
+    let fresh = s.create(MIN).await;
+    let (out, code) = run(&s, &fresh, "echo again").await;
+    assert_eq!((out.as_str(), code), ("again\n", 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
-use common::{Options, TestServer, envelope, take_envelopes};
+use common::{Backend, Options, TestServer, envelope, take_envelopes};
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -72,7 +72,16 @@ fn stdout_of(ev: &(u8, Value)) -> Option<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_streams_flow_both_ways_through_the_proxy() {
-    let s = TestServer::start(Options::default()).await;
+    connect_streams_flow_both_ways_through_the_proxy_on(Backend::Process).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_connect_streams_flow_both_ways_through_the_proxy() {
+    connect_streams_flow_both_ways_through_the_proxy_on(Backend::Qemu).await;
+}
+
+async fn connect_streams_flow_both_ways_through_the_proxy_on(backend: Backend) {
+    let s = TestServer::start(Options::on(backend)).await;
     let sb = s.create(r#"{"templateID":"base"}"#).await;
     let client = streaming_client();
 
@@ -214,12 +223,25 @@ fn watch_rss() -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_files_stream_through_the_proxy_in_bounded_memory() {
+    large_files_stream_through_the_proxy_in_bounded_memory_on(Backend::Process, 1024).await;
+}
+
+/// Into a VM's 2 GiB disk: smaller, because the guest writes through an emulated disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_large_files_stream_through_the_proxy_in_bounded_memory() {
+    large_files_stream_through_the_proxy_in_bounded_memory_on(Backend::Qemu, 300).await;
+}
+
+async fn large_files_stream_through_the_proxy_in_bounded_memory_on(
+    backend: Backend,
+    default_mib: u64,
+) {
     const MIB: u64 = 1024 * 1024;
     let blocks: u64 = std::env::var("FIRKIN_TEST_PROXY_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
-    let s = TestServer::start(Options::default()).await;
+        .unwrap_or(default_mib);
+    let s = TestServer::start(Options::on(backend)).await;
     let sb = s.create(r#"{"templateID":"base"}"#).await;
     let mut pattern = vec![0u8; MIB as usize];
     for (i, b) in pattern.iter_mut().enumerate() {

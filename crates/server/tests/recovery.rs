@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Options, TestServer, eventually, open_server, processes_under};
+use common::{Backend, Options, TestServer, eventually, open_server, processes_under};
 use firkin_admission::ResourceBudget;
 use firkin_server::ServerError;
 use firkin_server::store::{BuildRecord, BuildStatus, RecordState, SandboxRecord, Store};
@@ -216,14 +216,92 @@ async fn a_second_server_adopts_the_cached_template() {
     assert_eq!(r.status, StatusCode::NO_CONTENT);
 }
 
+/// A build in the shared cache made from other guest binaries (an older `firkin-envd`, say)
+/// is not adopted: the server builds afresh, and the new build is what a third server adopts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_template_from_other_guest_binaries_is_not_adopted() {
+    let with = |f: &str| Options {
+        guest_fingerprint: Some(f.to_owned()),
+        build_base: false,
+        ..Options::default()
+    };
+    let ensure = |server: &firkin_server::Server| {
+        server
+            .ensure_template(firkin_server::types::BuildTemplateRequest {
+                template_id: "base".into(),
+                ..Default::default()
+            })
+            .unwrap()
+    };
+    let cache = tempfile::tempdir().unwrap();
+    let state1 = tempfile::tempdir().unwrap();
+    let s1 = open_server(state1.path(), cache.path(), &with("envd-1"));
+    let first = match ensure(&s1) {
+        firkin_server::EnsureTemplate::Building { build_id, progress } => {
+            progress.wait().await.unwrap();
+            build_id
+        }
+        other => panic!("an empty cache must build, got {other:?}"),
+    };
+    drop(s1);
+
+    let state2 = tempfile::tempdir().unwrap();
+    let s2 = open_server(state2.path(), cache.path(), &with("envd-1"));
+    match ensure(&s2) {
+        firkin_server::EnsureTemplate::Adopted { build_id } => assert_eq!(build_id, first),
+        other => panic!("same guest binaries must adopt, got {other:?}"),
+    }
+    drop(s2);
+
+    let state3 = tempfile::tempdir().unwrap();
+    let s3 = open_server(state3.path(), cache.path(), &with("envd-2"));
+    let second = match ensure(&s3) {
+        firkin_server::EnsureTemplate::Building { build_id, progress } => {
+            progress.wait().await.unwrap();
+            build_id
+        }
+        other => panic!("other guest binaries must rebuild, got {other:?}"),
+    };
+    assert_ne!(second, first);
+    drop(s3);
+
+    let state4 = tempfile::tempdir().unwrap();
+    let s4 = open_server(state4.path(), cache.path(), &with("envd-2"));
+    match ensure(&s4) {
+        firkin_server::EnsureTemplate::Adopted { build_id } => assert_eq!(build_id, second),
+        other => panic!("the new build must be adopted, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_shutdown_pauses_auto_pause_sandboxes() {
-    let mut s = TestServer::start(Options::default()).await;
+    a_clean_shutdown_pauses_auto_pause_sandboxes_on(Backend::Process).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_a_clean_shutdown_pauses_auto_pause_sandboxes() {
+    a_clean_shutdown_pauses_auto_pause_sandboxes_on(Backend::Qemu).await;
+}
+
+async fn a_clean_shutdown_pauses_auto_pause_sandboxes_on(backend: Backend) {
+    let mut s = TestServer::start(Options::on(backend)).await;
     let keep = s.create(r#"{"templateID":"base","autoPause":true}"#).await;
     let drop_it = s.create(r#"{"templateID":"base"}"#).await;
+    let r = s
+        .envd(
+            &keep,
+            Method::POST,
+            "/files?path=before-shutdown.txt",
+            &[("content-type", "application/octet-stream")],
+            "written before",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     s.stop().await;
+    // The server stopped every VM: the paused one lives on as a snapshot only.
+    assert_eq!(common::sandbox_processes(&s, backend), Vec::<u32>::new());
     let dirs = s.crash().await;
-    let s = TestServer::start_in(dirs, Options::default()).await;
+    let s = TestServer::start_in(dirs, Options::on(backend)).await;
     let list = s.api(Method::GET, "/v2/sandboxes", "").await.json();
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list[0]["sandboxID"], keep["sandboxID"]);
@@ -232,4 +310,24 @@ async fn a_clean_shutdown_pauses_auto_pause_sandboxes() {
     s.api(Method::GET, &format!("/sandboxes/{id}"), "")
         .await
         .assert_error(StatusCode::NOT_FOUND);
+    // The paused one comes back, with what it had written before the shutdown.
+    let kid = keep["sandboxID"].as_str().unwrap();
+    let c = s
+        .api(Method::POST, &format!("/v2/sandboxes/{kid}/connect"), "{}")
+        .await;
+    assert_eq!(c.status, StatusCode::CREATED, "{}", c.text());
+    let r = s
+        .envd(
+            &keep,
+            Method::GET,
+            "/files?path=before-shutdown.txt",
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (StatusCode::OK, "written before")
+    );
+    assert_eq!(common::sandbox_processes(&s, backend).len(), 1);
 }

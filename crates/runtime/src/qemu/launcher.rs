@@ -205,6 +205,21 @@ impl SandboxSession for QemuSession {
             .map_err(|e| err(e.to_string()))
     }
 
+    async fn warm_up(&self) {
+        let Ok(client) = EnvdClient::new(&format!("http://{}", self.envd)) else {
+            return;
+        };
+        // An empty /init changes nothing but runs the handler; a login shell running `true`
+        // translates envd's spawn path, bash and the profile scripts every first command uses.
+        let started = std::time::Instant::now();
+        let _ = client.init(&serde_json::json!({})).await;
+        let _ = client.run("true").await;
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "warm sandbox warmed up"
+        );
+    }
+
     async fn save_continuation(&self, dir: &Path) -> Result<ContinuationSaved, QemuError> {
         let vm = self.vm.lock().await.take().ok_or(QemuError::Stopped)?;
         let snap = vm.save_continuation(dir).await?;

@@ -1,5 +1,11 @@
-//! A real `firkin serve` in the test process: real SQLite in a temp directory, real
-//! `firkin-envd` agents (the process backend), real HTTP over loopback.
+//! A real `firkin serve` in the test process: real SQLite in a temp directory, real HTTP over
+//! loopback, and sandboxes from either backend: real `firkin-envd` agents as host processes
+//! (fast, for the control-plane logic) or real QEMU microVMs restored from the `base` template
+//! in the shared cache (the `vm_*` tests).
+//!
+//! The VM tests need the guest assets (`scripts/setup-guest.sh`); a missing asset fails them
+//! with that instruction, nothing is skipped. They adopt a finished `base` build from the shared
+//! cache (`$FIRKIN_CACHE_DIR`, else `~/.firkin/cache`) and build it there when there is none.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -12,8 +18,9 @@ use firkin_admission::{QueuePolicy, ResourceBudget};
 use firkin_artifacts::DigestCache;
 use firkin_runtime::{FirkinPaths, RuntimeConfig, SandboxRuntime};
 use firkin_server::process::{ProcessLauncher, ProcessTemplateBuilder};
+use firkin_server::qemu::QemuTemplateBuilder;
 use firkin_server::types::BuildTemplateRequest;
-use firkin_server::{EnsureTemplate, Server, ServerConfig};
+use firkin_server::{EnsureTemplate, Server, ServerConfig, TemplateBuilder};
 use firkin_types::Size;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -41,7 +48,49 @@ pub fn envd_bin() -> PathBuf {
     bin
 }
 
+/// What runs the sandboxes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// `firkin-envd` as a host process per sandbox.
+    Process,
+    /// A QEMU microVM per sandbox, restored from the sealed `base` template.
+    Qemu,
+}
+
+pub const SETUP: &str = "scripts/setup-guest.sh (it installs QEMU and mmdebstrap, builds the \
+                         static guest binaries and fetches the guest kernel)";
+
+/// The cache the VM tests share with `firkin serve` and the SDK suite: templates built once
+/// are adopted by every later server.
+pub fn shared_cache_dir() -> PathBuf {
+    firkin_runtime::FirkinPaths::from_env()
+        .expect("set HOME or FIRKIN_CACHE_DIR")
+        .cache_dir()
+        .to_path_buf()
+}
+
+/// One digest cache for every VM server of this test binary: each test has a fresh state
+/// directory, and a fresh persistent cache would re-hash the 2.5 GiB template every time.
+fn vm_digest_cache() -> Arc<DigestCache> {
+    static CACHE: std::sync::OnceLock<Arc<DigestCache>> = std::sync::OnceLock::new();
+    Arc::clone(CACHE.get_or_init(|| Arc::new(DigestCache::in_memory())))
+}
+
+pub fn tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,firkin_server=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 pub struct Options {
+    pub backend: Backend,
+    /// For the process backend: a guest fingerprint its template builder reports, as a QEMU
+    /// builder does for its guest binaries.
+    pub guest_fingerprint: Option<String>,
     pub slots: u32,
     pub max_pending: usize,
     pub queue_wait: Duration,
@@ -53,6 +102,8 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
+            backend: Backend::Process,
+            guest_fingerprint: None,
             slots: 16,
             max_pending: 8,
             queue_wait: Duration::from_secs(10),
@@ -77,8 +128,33 @@ pub fn paths_in(state: &Path, cache: &Path) -> FirkinPaths {
     FirkinPaths::new(state, cache)
 }
 
+impl Options {
+    /// The defaults, on real VMs.
+    pub fn vm() -> Self {
+        Self {
+            backend: Backend::Qemu,
+            // A restore under TCG on a busy 2-core host can take seconds.
+            queue_wait: Duration::from_secs(60),
+            ..Self::default()
+        }
+    }
+
+    pub fn on(backend: Backend) -> Self {
+        match backend {
+            Backend::Process => Self::default(),
+            Backend::Qemu => Self::vm(),
+        }
+    }
+}
+
+/// Opens a server on `state`. `cache` is used by the process backend; VM servers use the
+/// shared cache so that they find the guest assets and the built template.
 pub fn open_server(state: &Path, cache: &Path, opts: &Options) -> Server {
-    let paths = paths_in(state, cache);
+    let cache = match opts.backend {
+        Backend::Process => cache.to_path_buf(),
+        Backend::Qemu => shared_cache_dir(),
+    };
+    let paths = paths_in(state, &cache);
     let budget_unit = firkin_server::DEFAULT_TEMPLATE_BUDGET;
     let capacity = ResourceBudget::new(
         budget_unit.cpus * opts.slots,
@@ -94,28 +170,77 @@ pub fn open_server(state: &Path, cache: &Path, opts: &Options) -> Server {
     // the runtime.
     rc.restore_disk_floor = Size::ZERO;
     rc.warm_pool_disk_floor = Size::ZERO;
-    let launcher = ProcessLauncher::new(envd_bin(), paths.sandboxes_dir());
-    let runtime = SandboxRuntime::new(
-        launcher,
-        rc,
-        Arc::new(DigestCache::persistent(paths.digest_cache())),
-    );
-    let mut config = ServerConfig::new(paths);
+    let mut config = ServerConfig::new(paths.clone());
     config.body_limit = opts.body_limit;
     config.warm_pools = [("base".to_owned(), opts.warm)].into_iter().collect();
     config.tick = Duration::from_millis(100);
-    Server::open(config, runtime, Arc::new(ProcessTemplateBuilder)).unwrap()
+    match opts.backend {
+        Backend::Process => {
+            let launcher = ProcessLauncher::new(envd_bin(), paths.sandboxes_dir());
+            let runtime = SandboxRuntime::new(
+                launcher,
+                rc,
+                Arc::new(DigestCache::persistent(paths.digest_cache())),
+            );
+            let builder: Arc<dyn TemplateBuilder> = match &opts.guest_fingerprint {
+                None => Arc::new(ProcessTemplateBuilder),
+                Some(f) => Arc::new(Fingerprinted(f.clone())),
+            };
+            Server::open(config, runtime, builder).unwrap()
+        }
+        Backend::Qemu => {
+            tracing();
+            let assets = firkin_runtime::qemu::GuestAssets::locate(&paths)
+                .unwrap_or_else(|e| panic!("{e} (run {SETUP})"));
+            let cache = vm_digest_cache();
+            let launcher =
+                firkin_runtime::qemu::QemuLauncher::new(paths.sandboxes_dir(), Arc::clone(&cache))
+                    .with_health_timeout(Duration::from_secs(60));
+            let builder: Arc<dyn TemplateBuilder> = Arc::new(QemuTemplateBuilder::new(
+                assets,
+                firkin_runtime::qemu::detect_accel(),
+                Arc::clone(&cache),
+            ));
+            Server::open(config, SandboxRuntime::new(launcher, rc, cache), builder).unwrap()
+        }
+    }
 }
 
+/// The process builder, claiming to put the guest binaries `.0` into its templates.
+struct Fingerprinted(String);
+
+#[async_trait::async_trait]
+impl TemplateBuilder for Fingerprinted {
+    async fn build(
+        &self,
+        request: &firkin_server::TemplateBuildRequest,
+        progress: &firkin_server::BuildProgress,
+    ) -> Result<firkin_runtime::TemplateSnapshot, firkin_server::TemplateBuildError> {
+        ProcessTemplateBuilder.build(request, progress).await
+    }
+
+    fn guest_fingerprint(&self) -> Option<String> {
+        Some(self.0.clone())
+    }
+}
+
+/// Makes `base` ready: adopted from the cache, or built (minutes under TCG). Serialised within
+/// the test binary so that parallel VM tests on a clean machine build it once, not once each.
 pub async fn ensure_base(server: &Server) {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = ONE_AT_A_TIME.lock().await;
     let r = server
         .ensure_template(BuildTemplateRequest {
             template_id: "base".into(),
             ..BuildTemplateRequest::default()
         })
         .unwrap();
-    if let EnsureTemplate::Building { progress, .. } = r {
-        progress.wait().await.unwrap();
+    if let EnsureTemplate::Building { progress, build_id } = r {
+        eprintln!("building template base (build {build_id}); this takes minutes under TCG");
+        progress
+            .wait()
+            .await
+            .unwrap_or_else(|e| panic!("building base failed: {e} (run {SETUP}?)"));
     }
 }
 
@@ -140,7 +265,8 @@ impl TestServer {
         dirs: (tempfile::TempDir, tempfile::TempDir),
         opts: Options,
     ) -> Self {
-        let (state, cache) = (&dirs.0, &dirs.1);
+        let state = &dirs.0;
+        let cache = server.config().paths.cache_dir().to_path_buf();
         server.add_api_key("test", KEY).unwrap();
         if opts.build_base {
             ensure_base(&server).await;
@@ -159,7 +285,7 @@ impl TestServer {
         let mut me = Self {
             addr,
             state: state.path().to_path_buf(),
-            cache: cache.path().to_path_buf(),
+            cache,
             dirs: None,
             shutdown: Some(tx),
             task: Some(task),
@@ -187,7 +313,7 @@ impl TestServer {
             let _ = tx.send(());
         }
         if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
+            let _ = tokio::time::timeout(Duration::from_secs(60), t).await;
         }
     }
 
@@ -343,4 +469,25 @@ pub async fn eventually(what: &str, limit: Duration, mut f: impl AsyncFnMut() ->
 /// Pids of processes whose command line mentions `dir`.
 pub fn processes_under(dir: &Path) -> Vec<u32> {
     firkin_server::procfs::processes_referencing(dir)
+}
+
+/// A process's command line, NULs turned into spaces.
+pub fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// The sandbox processes of a server: agents (process backend) or QEMUs (VM backend), checked
+/// to be what the backend runs so that a VM test cannot pass on something else.
+pub fn sandbox_processes(s: &TestServer, backend: Backend) -> Vec<u32> {
+    let pids = processes_under(&s.state.join("sandboxes"));
+    for &pid in &pids {
+        let cmd = cmdline(pid);
+        match backend {
+            Backend::Qemu => assert!(cmd.contains("qemu-system"), "not a VM: {cmd}"),
+            Backend::Process => assert!(cmd.contains("firkin-envd"), "not an agent: {cmd}"),
+        }
+    }
+    pids
 }
