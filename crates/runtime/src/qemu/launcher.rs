@@ -209,10 +209,17 @@ impl SandboxSession for QemuSession {
         let Ok(client) = EnvdClient::new(&format!("http://{}", self.envd)) else {
             return;
         };
-        // An empty /init changes nothing but runs the handler; a login shell running `true`
-        // translates envd's spawn path, bash and the profile scripts every first command uses.
+        // An /init with the current time and the default hostname takes the same paths as the
+        // real one at checkout (which then moves the clock forward again and sets the real
+        // token, env and entropy); no token and no entropy are set here. A login shell running
+        // `true` translates envd's spawn path, bash and the profile scripts a first command uses.
         let started = std::time::Instant::now();
-        let _ = client.init(&serde_json::json!({})).await;
+        let now = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let _ = client
+            .init(&serde_json::json!({"timestamp": now, "hostname": "firkin"}))
+            .await;
         let _ = client.run("true").await;
         tracing::debug!(
             ms = started.elapsed().as_millis() as u64,
