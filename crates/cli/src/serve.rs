@@ -72,6 +72,10 @@ pub struct ServeArgs {
     #[arg(long, env = "FIRKIN_MEMORY_OVERCOMMIT", default_value_t = 1.5)]
     memory_overcommit: f64,
 
+    /// Disk quota sandboxes may commit per byte of free disk (their overlays are thin).
+    #[arg(long, env = "FIRKIN_DISK_OVERCOMMIT", default_value_t = 4.0)]
+    disk_overcommit: f64,
+
     /// Host RAM kept out of the sandboxes' capacity, in MiB.
     #[arg(long, env = "FIRKIN_MEMORY_RESERVE_MIB", default_value_t = 2048)]
     memory_reserve_mib: u64,
@@ -194,6 +198,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         memory_overcommit: args.memory_overcommit,
         memory_reserve: Size::mib(args.memory_reserve_mib),
         disk_reserve: Size::gib(args.disk_floor_gib),
+        disk_overcommit: args.disk_overcommit,
     };
     let capacity = policy.capacity(host);
     tracing::info!(

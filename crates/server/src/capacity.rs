@@ -18,6 +18,11 @@ pub struct CapacityPolicy {
     pub memory_reserve: Size,
     /// Disk kept free under the sandboxes' quotas (the restore floor).
     pub disk_reserve: Size,
+    /// Disk quota per byte of free disk. A sandbox's disk is a thin qcow2 overlay that holds
+    /// only what the guest writes, so committing the whole quota up front would let a few
+    /// sandboxes "fill" a disk they barely touch. The disk floor still stops restores for real
+    /// when free space runs low.
+    pub disk_overcommit: f64,
 }
 
 impl Default for CapacityPolicy {
@@ -27,6 +32,7 @@ impl Default for CapacityPolicy {
             memory_overcommit: 1.5,
             memory_reserve: Size::gib(2),
             disk_reserve: firkin_runtime::DEFAULT_RESTORE_DISK_FLOOR,
+            disk_overcommit: 4.0,
         }
     }
 }
@@ -96,7 +102,10 @@ impl CapacityPolicy {
             u32::try_from(scale(u64::from(host.cpus), self.cpu_overcommit)).unwrap_or(u32::MAX);
         let memory = Size::bytes(scale(host.memory.as_bytes(), self.memory_overcommit))
             .saturating_sub(self.memory_reserve);
-        let disk = host.free_disk.saturating_sub(self.disk_reserve);
+        let disk = Size::bytes(scale(
+            host.free_disk.saturating_sub(self.disk_reserve).as_bytes(),
+            self.disk_overcommit,
+        ));
         ResourceBudget::new(cpus.max(1), memory, disk)
     }
 }
@@ -115,7 +124,7 @@ mod tests {
         let c = CapacityPolicy::default().capacity(host);
         assert_eq!(c.cpus, 32);
         assert_eq!(c.memory, Size::gib(34));
-        assert_eq!(c.disk, Size::gib(90));
+        assert_eq!(c.disk, Size::gib(360));
         let tiny = HostResources {
             cpus: 1,
             memory: Size::gib(1),
