@@ -310,6 +310,10 @@ def test_ten_concurrent_creates_all_succeed(server):
             # Ten sandboxes, ten separate VMs (each named after its sandbox by /init).
             hosts = [s.commands.run("hostname").stdout.strip() for s in sandboxes]
             assert hosts == [s.sandbox_id for s in sandboxes]
+            # The name resolves (sudo needs it) and a warm-pool name did not linger.
+            for s in sandboxes:
+                r = s.commands.run("getent hosts $(hostname); grep -c firkin-warm /etc/hosts || true")
+                assert r.stdout == f"127.0.1.1       {s.sandbox_id}\n0\n", r.stdout
         assert len(sandbox_processes(server.state_dir)) >= 10
     finally:
         for s in sandboxes:

@@ -145,25 +145,48 @@ pub fn set_hostname(name: &str) -> std::io::Result<()> {
     nix::unistd::sethostname(name)?;
     let hosts = Path::new("/etc/hosts");
     let current = std::fs::read_to_string(hosts).unwrap_or_default();
-    let known = current.lines().any(|l| {
-        let l = l.split('#').next().unwrap_or("");
-        l.split_whitespace().skip(1).any(|h| h == name)
-    });
-    if !known {
-        let mut text = current;
-        if !text
-            .lines()
-            .any(|l| l.split_whitespace().nth(1) == Some("localhost"))
-        {
-            text.push_str("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-        }
-        if !text.is_empty() && !text.ends_with('\n') {
-            text.push('\n');
-        }
-        text.push_str(&format!("127.0.1.1\t{name}\n"));
+    if let Some(text) = hosts_with_own_name(&current, name) {
         std::fs::write(hosts, text)?;
     }
     Ok(())
+}
+
+/// `/etc/hosts` with `name` as the machine's own name, or `None` when it already resolves.
+///
+/// Debian maps its own hostname on a `127.0.1.1` line. A renamed machine replaces that line
+/// rather than adding one: a warm-pool sandbox is renamed at checkout, and its pool name must
+/// not linger. Other lines, including a user's own entries for the name, are kept.
+fn hosts_with_own_name(current: &str, name: &str) -> Option<String> {
+    let names = |l: &str| -> Vec<String> {
+        l.split('#')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    if current
+        .lines()
+        .any(|l| names(l).iter().skip(1).any(|h| h == name))
+    {
+        return None;
+    }
+    let mut text = String::with_capacity(current.len() + name.len() + 12);
+    for line in current.lines() {
+        if names(line).first().is_some_and(|a| a == "127.0.1.1") {
+            continue;
+        }
+        text.push_str(line);
+        text.push('\n');
+    }
+    if !current
+        .lines()
+        .any(|l| names(l).get(1).is_some_and(|h| h == "localhost"))
+    {
+        text.push_str("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    }
+    text.push_str(&format!("127.0.1.1\t{name}\n"));
+    Some(text)
 }
 
 /// Writes `/etc/resolv.conf` when it is missing or empty (a disk image built without network
@@ -258,4 +281,44 @@ fn has_other_processes() -> bool {
 fn is_kernel_thread(pid: &str) -> bool {
     // Kernel threads have an empty command line.
     std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hosts_with_own_name;
+
+    const DEBIAN: &str =
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tfirkin\n";
+
+    #[test]
+    fn a_new_name_replaces_the_own_name_line() {
+        let once = hosts_with_own_name(DEBIAN, "warm-1").unwrap();
+        let twice = hosts_with_own_name(&once, "sbx42").unwrap();
+        assert_eq!(
+            twice,
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tsbx42\n"
+        );
+        assert!(!twice.contains("warm-1"));
+    }
+
+    #[test]
+    fn a_name_that_resolves_changes_nothing() {
+        assert_eq!(hosts_with_own_name(DEBIAN, "firkin"), None);
+        let custom = "127.0.0.1 localhost\n10.1.2.3 db sbx42 # mine\n";
+        assert_eq!(hosts_with_own_name(custom, "sbx42"), None);
+    }
+
+    #[test]
+    fn user_entries_survive_and_localhost_is_added_when_missing() {
+        let custom = "10.1.2.3 db\n127.0.1.1 old\n";
+        let out = hosts_with_own_name(custom, "new").unwrap();
+        assert_eq!(
+            out,
+            "10.1.2.3 db\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tnew\n"
+        );
+        assert_eq!(
+            hosts_with_own_name("", "a").unwrap(),
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\ta\n"
+        );
+    }
 }

@@ -47,6 +47,10 @@ pub struct Envd {
     pub watchers: crate::watch::WatcherTable,
     /// Reaps children and hands exit statuses to their owners.
     pub reaper: Arc<crate::reaper::Reaper>,
+    /// Held for writing while `/init`'s machine set-up (RNG reseed, rename) finishes in the
+    /// background; process starts take it for reading first, so no process ever runs with
+    /// the snapshot's RNG state or a hostname that does not resolve.
+    pub machine_setup: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Envd {
@@ -69,6 +73,7 @@ impl Envd {
             processes: Arc::default(),
             watchers: crate::watch::WatcherTable::default(),
             reaper,
+            machine_setup: Arc::default(),
         }
     }
 

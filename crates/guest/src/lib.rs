@@ -15,7 +15,8 @@ pub use error::{GuestError, Result};
 pub use initramfs::{InitramfsSpec, write_initramfs};
 pub use kernel::{KernelAssets, VIRTIO_MODULES, fetch_kernel};
 pub use rootfs::{
-    ImageOptions, RootfsInfo, RootfsSource, UserSpec, base_template, build_rootfs, dir_to_ext4,
+    ImageOptions, ROOTFS_RULES_VERSION, RootfsInfo, RootfsSource, UserSpec, base_template,
+    build_rootfs, dir_to_ext4,
 };
 
 /// A progress report from long work.

@@ -134,6 +134,7 @@ fn build_in(
                 progress,
             )?;
             finish_tree(&tree)?;
+            quicken_login_scripts(&tree)?;
             tree
         }
         RootfsSource::Oci { archive } => {
@@ -145,6 +146,42 @@ fn build_in(
         }
     };
     dir_to_ext4(&tree, out, opts, progress)
+}
+
+/// Version of what firkin does to a tree on top of its source ([`finish_tree`],
+/// [`quicken_login_scripts`]). Template build fingerprints include it, so that a cached build
+/// made under older rules is rebuilt rather than adopted.
+pub const ROOTFS_RULES_VERSION: u32 = 2;
+
+/// The E2B SDK runs every command as `bash -l -c CMD`, so a login shell's start-up is paid on
+/// each `commands.run`. Debian's `/etc/profile` forks `id -u` and root's `~/.profile` forks
+/// `mesg n`; under TCG each fork+exec costs ~45 ms, which made `commands.run("true")` 139 ms
+/// (user) and 174 ms (root) instead of 89 ms. Bash already knows its effective uid, and `mesg`
+/// only matters on a terminal, so both are rewritten to skip the fork, keeping their meaning
+/// (dash and other shells still take the `id -u` fallback). Only Debian trees we build
+/// ourselves are touched; a file that does not hold the exact stock line is left alone.
+fn quicken_login_scripts(tree: &Path) -> Result<()> {
+    let rules: [(&str, &str, &str); 2] = [
+        ("etc/profile", "\"$(id -u)\"", "\"${EUID:-$(id -u)}\""),
+        (
+            "root/.profile",
+            "\nmesg n 2> /dev/null || true",
+            "\n[ -t 0 ] && mesg n 2> /dev/null || true",
+        ),
+    ];
+    for (rel, stock, quick) in rules {
+        let path = tree.join(rel);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(GuestError::io("reading", &path)(e)),
+        };
+        if text.contains(stock) {
+            std::fs::write(&path, text.replace(stock, quick))
+                .map_err(GuestError::io("writing", &path))?;
+        }
+    }
+    Ok(())
 }
 
 /// Files every firkin guest needs and images often lack: DNS for QEMU's user-mode network,
@@ -341,4 +378,70 @@ pub fn dir_to_ext4(
         content_bytes: content,
         image_bytes: size,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STOCK_PROFILE: &str = "if [ \"$(id -u)\" -eq 0 ]; then\n  PATH=\"/usr/sbin\"\nfi\nif [ \"${PS1-}\" ]; then\n  if [ \"$(id -u)\" -eq 0 ]; then\n    PS1='# '\n  fi\nfi\n";
+    const STOCK_ROOT_PROFILE: &str =
+        "if [ \"$BASH\" ]; then\n  . ~/.bashrc\nfi\n\nmesg n 2> /dev/null || true\n";
+
+    fn tree_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (rel, text) in files {
+            let p = dir.path().join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn login_scripts_lose_their_forks() {
+        let dir = tree_with(&[
+            ("etc/profile", STOCK_PROFILE),
+            ("root/.profile", STOCK_ROOT_PROFILE),
+        ]);
+        quicken_login_scripts(dir.path()).unwrap();
+        let profile = std::fs::read_to_string(dir.path().join("etc/profile")).unwrap();
+        assert!(!profile.contains("[ \"$(id -u)\""), "{profile}");
+        assert_eq!(profile.matches("\"${EUID:-$(id -u)}\"").count(), 2);
+        let root = std::fs::read_to_string(dir.path().join("root/.profile")).unwrap();
+        assert!(
+            root.ends_with("\n[ -t 0 ] && mesg n 2> /dev/null || true\n"),
+            "{root}"
+        );
+    }
+
+    #[test]
+    fn login_scripts_behave_as_before_in_bash_and_sh() {
+        let dir = tree_with(&[("etc/profile", STOCK_PROFILE)]);
+        quicken_login_scripts(dir.path()).unwrap();
+        let profile = dir.path().join("etc/profile");
+        for shell in ["bash", "sh"] {
+            let out = std::process::Command::new(shell)
+                .arg("-c")
+                .arg(format!(". {} && echo \"$PATH\"", profile.display()))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{shell}: {out:?}");
+            let is_root = nix::unistd::geteuid().is_root();
+            let path = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(path.trim() == "/usr/sbin", is_root, "{shell}: {path}");
+        }
+    }
+
+    #[test]
+    fn other_trees_are_left_alone() {
+        let custom = "# my own profile\nexport A=1\n";
+        let dir = tree_with(&[("etc/profile", custom)]);
+        quicken_login_scripts(dir.path()).unwrap();
+        let after = std::fs::read_to_string(dir.path().join("etc/profile")).unwrap();
+        assert_eq!(after, custom);
+        // A tree without the files at all is fine too.
+        let empty = tempfile::tempdir().unwrap();
+        quicken_login_scripts(empty.path()).unwrap();
+    }
 }

@@ -444,6 +444,13 @@ fn base_template_is_bookworm_with_user_python_and_sudo() {
     );
     assert!(debugfs(&image, "stat /home/user").contains("User:  1000"));
     assert!(debugfs(&image, "cat /usr/lib/os-release").contains("bookworm"));
+    // Login shells (every SDK command) must not fork for `id -u` or `mesg`.
+    let profile = debugfs(&image, "cat /etc/profile");
+    assert!(profile.contains("\"${EUID:-$(id -u)}\""), "{profile}");
+    assert!(
+        debugfs(&image, "cat /root/.profile").contains("[ -t 0 ] && mesg n"),
+        "root's .profile kept its mesg fork"
+    );
     for bin in [
         "/usr/bin/python3",
         "/usr/bin/curl",

@@ -505,6 +505,8 @@ where
         }
         let result = self.start_inner(req).await;
         lock(&self.inner.state).starting.remove(&id);
+        // The refill loop stands aside while creates are in flight (see `refill_once`).
+        self.inner.refill.notify_one();
         result
     }
 
@@ -539,6 +541,14 @@ where
             let _ = session.stop().await;
             return Err(RuntimeError::Init(err.to_string()));
         }
+        tracing::debug!(
+            sandbox = %req.sandbox_id,
+            before_launch_ms = (launch_started - started).as_secs_f64() * 1e3,
+            launch_ms = launch_time.as_secs_f64() * 1e3,
+            init_ms = (started.elapsed() - launch_time - (launch_started - started)).as_secs_f64()
+                * 1e3,
+            "restored and initialised"
+        );
         let envd_addr = session.envd_addr();
         let pid = session.pid();
         self.register(&req.sandbox_id, session, budget);
@@ -585,7 +595,6 @@ where
                     None => return Ok(None),
                 }
             };
-            self.inner.refill.notify_one();
             let held = Held {
                 inner: Arc::clone(&self.inner),
                 budget: warm.budget,
@@ -602,6 +611,12 @@ where
                 drop(held);
                 continue;
             }
+            tracing::debug!(
+                sandbox = %req.sandbox_id,
+                checkout_ms = checkout.as_secs_f64() * 1e3,
+                init_ms = (started.elapsed() - checkout).as_secs_f64() * 1e3,
+                "warm checkout"
+            );
             let envd_addr = warm.session.envd_addr();
             let pid = warm.session.pid();
             self.register(&req.sandbox_id, warm.session, warm.budget);
@@ -912,8 +927,8 @@ where
     }
 
     /// The warm-pool refill loop: restores entries while targets are unmet, capacity is free,
-    /// no create is waiting and the warm-pool disk floor holds. Runs until the runtime is
-    /// dropped by every other owner.
+    /// no create is waiting or in flight, and the warm-pool disk floor holds. Runs until the
+    /// runtime is dropped by every other owner.
     pub async fn run_warm_pool(self) {
         let weak = Arc::downgrade(&self.inner);
         drop(self);
@@ -957,7 +972,10 @@ where
                     stop_all(gone);
                 }
                 let have = st.warm.get(&key).map_or(0, VecDeque::len);
-                if have >= depth || !st.waiters.is_empty() {
+                // A refill is a restore: on a small host it competes for CPU with the creates
+                // in flight (a checked-out entry's /init took 45-100 ms instead of ~10 ms while
+                // its replacement was being restored), so it waits until they are done.
+                if have >= depth || !st.waiters.is_empty() || !st.starting.is_empty() {
                     continue;
                 }
                 if st.ledger.reserve_warm(template.budget).is_err() {
@@ -1404,6 +1422,21 @@ mod tests {
         assert_eq!(rt.capacity().warm, ResourceBudget::ZERO);
         assert_eq!(launcher.sessions()[0].inits.load(Ordering::SeqCst), 1);
         assert!(rt.refill_once().await, "refilled after the checkout");
+        assert_eq!(rt.capacity().warm_sandboxes, 1);
+    }
+
+    #[tokio::test]
+    async fn refill_stands_aside_while_a_create_is_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = template(dir.path());
+        let launcher = FakeLauncher::default();
+        let rt = runtime(launcher.clone(), 2);
+        rt.set_warm_pool(t.clone(), 1);
+        lock(&rt.inner.state).starting.insert(sid("busy"), ());
+        assert!(!rt.refill_once().await, "refilled during a create");
+        assert_eq!(launcher.count(), 0);
+        lock(&rt.inner.state).starting.remove(&sid("busy"));
+        assert!(rt.refill_once().await);
         assert_eq!(rt.capacity().warm_sandboxes, 1);
     }
 

@@ -96,6 +96,7 @@ pub fn build_fingerprint(
     let source = source.cloned().or_else(|| builder.default_source());
     let recipe = serde_json::json!({
         "guest": guest,
+        "rootfsRules": firkin_runtime::qemu::ROOTFS_RULES_VERSION,
         "source": source,
         "commands": commands,
         "cpus": budget.cpus,

@@ -74,20 +74,27 @@ pub(super) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Result<R
         return Err(ApiError::bad_request(format!("invalid hostname '{name}'")));
     }
 
-    if let Some(seed) = entropy.filter(|s| !s.is_empty()) {
-        feed_entropy(envd.mode, &seed).await;
-    }
     if let Some(ts) = timestamp {
         apply_timestamp(&envd, ts);
     }
-    if let Some(name) = req.hostname.as_deref() {
-        if envd.mode == Mode::Guest {
-            if let Err(e) = crate::guest::set_hostname(name) {
-                tracing::warn!(hostname = name, error = %e, "cannot set hostname");
+    let seed = entropy.filter(|s| !s.is_empty());
+    if seed.is_some() || req.hostname.is_some() {
+        // The first reseed and rename after a restore cost ~40 ms each of guest CPU under TCG
+        // (kernel RNG mixing, an ext4 write of /etc/hosts), which a create would wait for. They
+        // finish in the background instead, under `machine_setup`, which every process start
+        // waits for.
+        let guard = Arc::clone(&envd.machine_setup).write_owned().await;
+        let mode = envd.mode;
+        let hostname = req.hostname.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some(seed) = seed {
+                feed_entropy(mode, &seed);
             }
-        } else {
-            tracing::info!(hostname = name, "host mode: not changing the hostname");
-        }
+            if let Some(name) = hostname {
+                rename(mode, &name);
+            }
+            drop(guard);
+        });
     }
 
     envd.update_settings(|s| {
@@ -144,17 +151,24 @@ fn apply_timestamp(envd: &Envd, ts: OffsetDateTime) {
     }
 }
 
-async fn feed_entropy(mode: Mode, seed: &[u8]) {
+fn feed_entropy(mode: Mode, seed: &[u8]) {
     if mode == Mode::Host && !nix::unistd::geteuid().is_root() {
         tracing::warn!("host mode without root: ignoring /init entropy");
         return;
     }
-    let seed = seed.to_vec();
-    let result = tokio::task::spawn_blocking(move || crate::sys::add_entropy(&seed)).await;
-    match result {
-        Ok(Ok(())) => tracing::info!("kernel RNG reseeded"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "cannot reseed kernel RNG"),
-        Err(e) => tracing::warn!(error = %e, "entropy task failed"),
+    match crate::sys::add_entropy(seed) {
+        Ok(()) => tracing::info!("kernel RNG reseeded"),
+        Err(e) => tracing::warn!(error = %e, "cannot reseed kernel RNG"),
+    }
+}
+
+fn rename(mode: Mode, name: &str) {
+    if mode != Mode::Guest {
+        tracing::info!(hostname = name, "host mode: not changing the hostname");
+        return;
+    }
+    if let Err(e) = crate::guest::set_hostname(name) {
+        tracing::warn!(hostname = name, error = %e, "cannot set hostname");
     }
 }
 

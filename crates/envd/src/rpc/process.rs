@@ -183,6 +183,8 @@ impl Process for ProcessService {
         if config.cmd.is_empty() {
             return Err(ConnectError::invalid_argument("cmd is required"));
         }
+        // Waits for an `/init`'s reseed and rename still in flight.
+        drop(self.envd.machine_setup.read().await);
         let settings = self.envd.settings();
         let mut env = BTreeMap::new();
         env.insert("PATH".to_owned(), DEFAULT_PATH.to_owned());

@@ -10,7 +10,7 @@ mod launcher;
 mod template;
 
 pub use assets::{GuestAssets, GuestAssetsError};
-pub use firkin_guest::{RootfsSource, UserSpec, base_template};
+pub use firkin_guest::{ROOTFS_RULES_VERSION, RootfsSource, UserSpec, base_template};
 pub use firkin_vmm::{Accel, AccelDecision, accel::detect as detect_accel};
 pub use launcher::{QemuError, QemuLauncher, QemuSession};
 pub use template::{BuildEvent, TemplateBuild, TemplateBuildError, build_template};
