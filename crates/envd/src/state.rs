@@ -51,6 +51,27 @@ pub struct Envd {
     /// background; process starts take it for reading first, so no process ever runs with
     /// the snapshot's RNG state or a hostname that does not resolve.
     pub machine_setup: Arc<tokio::sync::RwLock<()>>,
+    /// Runs that set-up. A long-lived thread started with the agent, so that it already exists
+    /// in a template snapshot: a thread created after a restore costs tens of ms under TCG.
+    setup_worker: Option<std::sync::mpsc::Sender<SetupJob>>,
+}
+
+type SetupJob = Box<dyn FnOnce() + Send>;
+
+fn start_setup_worker() -> Option<std::sync::mpsc::Sender<SetupJob>> {
+    let (tx, rx) = std::sync::mpsc::channel::<SetupJob>();
+    std::thread::Builder::new()
+        .name("machine-setup".into())
+        .spawn(move || {
+            while let Ok(job) = rx.recv() {
+                job();
+            }
+        })
+        .map_err(
+            |e| tracing::warn!(error = %e, "no machine set-up thread; using the blocking pool"),
+        )
+        .ok()?;
+    Some(tx)
 }
 
 impl Envd {
@@ -74,7 +95,21 @@ impl Envd {
             watchers: crate::watch::WatcherTable::default(),
             reaper,
             machine_setup: Arc::default(),
+            setup_worker: start_setup_worker(),
         }
+    }
+
+    /// Runs `job` on the machine set-up thread (or the blocking pool if that thread is gone).
+    pub fn run_setup(&self, job: impl FnOnce() + Send + 'static) {
+        let job: SetupJob = Box::new(job);
+        let job = match &self.setup_worker {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => return,
+                Err(std::sync::mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        tokio::task::spawn_blocking(job);
     }
 
     /// A snapshot of the current settings.

@@ -86,7 +86,7 @@ pub(super) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Result<R
         let guard = Arc::clone(&envd.machine_setup).write_owned().await;
         let mode = envd.mode;
         let hostname = req.hostname.clone();
-        tokio::task::spawn_blocking(move || {
+        envd.run_setup(move || {
             if let Some(seed) = seed {
                 feed_entropy(mode, &seed);
             }
