@@ -314,6 +314,9 @@ def test_ten_concurrent_creates_all_succeed(server):
             for s in sandboxes:
                 r = s.commands.run("getent hosts $(hostname); grep -c firkin-warm /etc/hosts || true")
                 assert r.stdout == f"127.0.1.1       {s.sandbox_id}\n0\n", r.stdout
+            # Each clone has its own MAC address, and traffic still reaches it after the change.
+            macs = [s.commands.run("cat /sys/class/net/eth0/address").stdout for s in sandboxes]
+            assert len(set(macs)) == 10, macs
         assert len(sandbox_processes(server.state_dir)) >= 10
     finally:
         for s in sandboxes:

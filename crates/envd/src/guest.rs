@@ -189,6 +189,52 @@ fn hosts_with_own_name(current: &str, name: &str) -> Option<String> {
     Some(text)
 }
 
+/// Parses a unicast MAC address written `xx:xx:xx:xx:xx:xx`.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts
+            .next()
+            .filter(|p| p.len() == 2)
+            .ok_or_else(|| format!("invalid MAC address '{text}'"))?;
+        *byte =
+            u8::from_str_radix(part, 16).map_err(|_| format!("invalid MAC address '{text}'"))?;
+    }
+    if parts.next().is_some() {
+        return Err(format!("invalid MAC address '{text}'"));
+    }
+    if mac[0] & 1 == 1 || mac == [0; 6] {
+        return Err(format!("MAC address '{text}' is not a unicast address"));
+    }
+    Ok(mac)
+}
+
+/// Gives the guest's Ethernet interface the address `mac`. Clones of one snapshot start with the
+/// template's address; this makes each its own. `arp_notify` makes the kernel announce the new
+/// address with a gratuitous ARP, which QEMU's user-mode network learns from, so traffic to the
+/// guest (envd's forwarded port included) keeps flowing.
+pub fn set_mac(mac: [u8; 6]) -> std::io::Result<()> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n != "lo"
+                && std::fs::read_to_string(format!("/sys/class/net/{n}/type"))
+                    .is_ok_and(|t| t.trim() == "1")
+        })
+        .collect();
+    names.sort();
+    let Some(name) = names.first() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no Ethernet interface",
+        ));
+    };
+    std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/arp_notify"), "1")?;
+    crate::sys::set_hw_address(name, mac)
+}
+
 /// Writes `/etc/resolv.conf` when it is missing or empty (a disk image built without network
 /// configuration), pointing at QEMU's resolver.
 pub fn ensure_resolv_conf() -> std::io::Result<()> {
@@ -285,7 +331,26 @@ fn is_kernel_thread(pid: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::hosts_with_own_name;
+    use super::{hosts_with_own_name, parse_mac};
+
+    #[test]
+    fn macs_parse_and_multicast_is_refused() {
+        assert_eq!(
+            parse_mac("02:aB:00:12:34:ff"),
+            Ok([0x02, 0xab, 0x00, 0x12, 0x34, 0xff])
+        );
+        for bad in [
+            "",
+            "02:00:00:00:00",
+            "02:00:00:00:00:00:00",
+            "2:00:00:00:00:00",
+            "zz:00:00:00:00:00",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+    }
 
     const DEBIAN: &str =
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tfirkin\n";

@@ -167,6 +167,38 @@ pub fn loopback_up() -> io::Result<()> {
     Ok(())
 }
 
+/// Sets the hardware address of interface `name` (SIOCSIFHWADDR; virtio-net allows it while the
+/// link is up).
+pub fn set_hw_address(name: &str, mac: [u8; 6]) -> io::Result<()> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("interface name {name:?} is too long"),
+        ));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    let mut addr: libc::sockaddr = {
+        // SAFETY: sockaddr is plain data; all-zero is a valid value.
+        unsafe { std::mem::zeroed() }
+    };
+    addr.sa_family = libc::ARPHRD_ETHER;
+    for (dst, src) in addr.sa_data.iter_mut().zip(mac) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_hwaddr = addr;
+    // SAFETY: SIOCSIFHWADDR reads `req`, which is live, names the interface and holds an
+    // ARPHRD_ETHER address.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFHWADDR, &req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// An inotify instance the reactor can poll.
 #[derive(Debug)]
 pub struct InotifyFd(pub nix::sys::inotify::Inotify);

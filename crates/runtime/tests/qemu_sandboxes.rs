@@ -239,6 +239,15 @@ async fn three_concurrent_sandboxes_compute_and_are_isolated() {
         .await
         .1;
     assert_ne!(r1, r2);
+    // Clones got their own MAC addresses, none of them the template's, and still answer.
+    let mut macs = Vec::new();
+    for (id, tok) in ids.iter().zip(tokens) {
+        macs.push(sh(&rt, id, tok, "cat /sys/class/net/eth0/address").await.1);
+    }
+    macs.push("52:54:00:12:34:56".to_owned()); // the template's, firkin-vmm's default
+    macs.sort();
+    macs.dedup();
+    assert_eq!(macs.len(), 4, "{macs:?}");
 
     for id in ids {
         rt.kill(&SandboxId::new(id).unwrap()).await.unwrap();

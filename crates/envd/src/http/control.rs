@@ -33,6 +33,8 @@ struct InitRequest {
     entropy: Option<String>,
     /// firkin: hostname to set (guest mode only).
     hostname: Option<String>,
+    /// firkin: MAC address for the guest's Ethernet interface (guest mode only).
+    mac_address: Option<String>,
 }
 
 /// Configures the agent. The token gate in front of it has already checked that a request
@@ -74,11 +76,20 @@ pub(super) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Result<R
         return Err(ApiError::bad_request(format!("invalid hostname '{name}'")));
     }
 
+    let mac = req
+        .mac_address
+        .as_deref()
+        .map(|m| {
+            crate::guest::parse_mac(m)
+                .map_err(|e| ApiError::bad_request(format!("invalid macAddress: {e}")))
+        })
+        .transpose()?;
+
     if let Some(ts) = timestamp {
         apply_timestamp(&envd, ts);
     }
     let seed = entropy.filter(|s| !s.is_empty());
-    if seed.is_some() || req.hostname.is_some() {
+    if seed.is_some() || req.hostname.is_some() || mac.is_some() {
         // The first reseed and rename after a restore cost ~40 ms each of guest CPU under TCG
         // (kernel RNG mixing, an ext4 write of /etc/hosts), which a create would wait for. They
         // finish in the background instead, under `machine_setup`, which every process start
@@ -92,6 +103,9 @@ pub(super) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Result<R
             }
             if let Some(name) = hostname {
                 rename(mode, &name);
+            }
+            if let Some(mac) = mac {
+                readdress(mode, mac);
             }
             drop(guard);
         });
@@ -159,6 +173,17 @@ fn feed_entropy(mode: Mode, seed: &[u8]) {
     match crate::sys::add_entropy(seed) {
         Ok(()) => tracing::info!("kernel RNG reseeded"),
         Err(e) => tracing::warn!(error = %e, "cannot reseed kernel RNG"),
+    }
+}
+
+fn readdress(mode: Mode, mac: [u8; 6]) {
+    if mode != Mode::Guest {
+        tracing::info!("host mode: not changing the MAC address");
+        return;
+    }
+    match crate::guest::set_mac(mac) {
+        Ok(()) => tracing::debug!(?mac, "MAC address set"),
+        Err(e) => tracing::warn!(error = %e, "cannot set the MAC address"),
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use firkin_artifacts::{DigestCache, SealError, SealedSnapshot};
+use firkin_artifacts::{DigestCache, SealError, SealedSnapshot, SnapshotArtifactKind};
 use firkin_envd::client::Client as EnvdClient;
 use firkin_vmm::{ExitInfo, RestoreRequest, Snapshot, Vm, VmmError};
 use tokio::sync::{Mutex, watch};
@@ -130,7 +130,13 @@ impl SnapshotSessionLauncher for QemuLauncher {
         )
         .await?;
         tracing::debug!(pid = vm.pid(), timings = ?vm.timings(), "restored");
-        Ok(QemuSession::new(vm, self.stop_timeout))
+        let session = QemuSession::new(vm, self.stop_timeout);
+        // A clone of a template takes its own MAC address at its first /init; a resumed
+        // sandbox keeps the one it had.
+        Ok(match request.manifest().kind() {
+            SnapshotArtifactKind::BaseTemplate => session.with_mac(random_mac()),
+            SnapshotArtifactKind::Continuation => session,
+        })
     }
 }
 
@@ -143,6 +149,19 @@ pub struct QemuSession {
     pid: u32,
     exit: watch::Receiver<Option<ExitInfo>>,
     stop_timeout: Duration,
+    /// The MAC address every `/init` gives the guest, if it should change from the snapshot's.
+    mac: Option<String>,
+}
+
+/// A random locally administered unicast MAC address.
+fn random_mac() -> String {
+    let mut b = [0u8; 6];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
+    b[0] = (b[0] & 0xfc) | 0x02;
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0], b[1], b[2], b[3], b[4], b[5]
+    )
 }
 
 impl QemuSession {
@@ -154,7 +173,19 @@ impl QemuSession {
             exit: vm.exit_watch(),
             vm: Mutex::new(Some(vm)),
             stop_timeout,
+            mac: None,
         }
+    }
+
+    /// Gives the guest `mac` at every `/init` (the first changes it, later ones are no-ops).
+    pub fn with_mac(mut self, mac: String) -> Self {
+        self.mac = Some(mac);
+        self
+    }
+
+    /// The MAC address this session gives its guest, if it changes it.
+    pub fn mac(&self) -> Option<&str> {
+        self.mac.as_deref()
     }
 
     /// Runs `f` on the VM if it is still there (for diagnostics such as memory figures).
@@ -198,7 +229,10 @@ impl SandboxSession for QemuSession {
         if let Some(token) = &init.access_token {
             client = client.with_token(token.clone());
         }
-        let body = serde_json::to_value(init).map_err(|e| err(e.to_string()))?;
+        let mut body = serde_json::to_value(init).map_err(|e| err(e.to_string()))?;
+        if let (Some(mac), Some(obj)) = (&self.mac, body.as_object_mut()) {
+            obj.insert("macAddress".into(), mac.clone().into());
+        }
         tokio::time::timeout(Duration::from_secs(20), client.init(&body))
             .await
             .map_err(|_| err("no answer within 20 s".into()))?
@@ -212,8 +246,9 @@ impl SandboxSession for QemuSession {
         // An /init that takes the same paths as the real one at checkout, so that TCG has
         // translated them before a create waits on them (measured: a checkout's /init took
         // 50-75 ms after a warm-up without entropy and rename, ~10 ms when warm): the current
-        // time, a kernel RNG reseed (more entropy never hurts; checkout adds fresh seed again)
-        // and a rename, which rewrites /etc/hosts as the checkout's rename will. No token is
+        // time, a kernel RNG reseed (more entropy never hurts; checkout adds fresh seed again),
+        // a rename, which rewrites /etc/hosts as the checkout's rename will, and the clone's
+        // own MAC address (the checkout sends the same one again, a no-op). No token is
         // set here. A login shell running `true` translates envd's spawn path, bash and the
         // profile scripts a first command uses.
         let started = std::time::Instant::now();
@@ -223,13 +258,15 @@ impl SandboxSession for QemuSession {
         let mut seed = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut seed);
         let entropy = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, seed);
-        let _ = client
-            .init(&serde_json::json!({
-                "timestamp": now,
-                "hostname": "firkin-warm",
-                "entropy": entropy,
-            }))
-            .await;
+        let mut body = serde_json::json!({
+            "timestamp": now,
+            "hostname": "firkin-warm",
+            "entropy": entropy,
+        });
+        if let (Some(mac), Some(obj)) = (&self.mac, body.as_object_mut()) {
+            obj.insert("macAddress".into(), mac.clone().into());
+        }
+        let _ = client.init(&body).await;
         let _ = client.run("true").await;
         tracing::debug!(
             ms = started.elapsed().as_millis() as u64,
