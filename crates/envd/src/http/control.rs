@@ -92,8 +92,8 @@ pub(super) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Result<R
     if seed.is_some() || req.hostname.is_some() || mac.is_some() {
         // The first reseed and rename after a restore cost ~40 ms each of guest CPU under TCG
         // (kernel RNG mixing, an ext4 write of /etc/hosts), which a create would wait for. They
-        // finish in the background instead, under `machine_setup`, which every process start
-        // waits for.
+        // and the MAC change finish in the background instead, under `machine_setup`, which
+        // every process start waits for.
         let guard = Arc::clone(&envd.machine_setup).write_owned().await;
         let mode = envd.mode;
         let hostname = req.hostname.clone();
