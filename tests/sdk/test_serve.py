@@ -70,17 +70,25 @@ def processes_mentioning(path: str) -> list[int]:
     return out
 
 
+# Short-lived helpers the server runs on a sandbox's run directory while it prepares one (the
+# warm pool's refill creates overlays at any moment); they are not sandboxes.
+HELPER_PROCESSES = (b"qemu-img\x00create\x00",)
+
+
 def sandbox_processes(state_dir: str) -> list[int]:
     """A server's sandbox processes (their run directories are on their command lines), each
     checked to be what the backend runs, so that a VM test cannot pass on something else."""
-    pids = processes_mentioning(os.path.join(state_dir, "sandboxes"))
-    for pid in pids:
+    pids = []
+    for pid in processes_mentioning(os.path.join(state_dir, "sandboxes")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read()
         except OSError:
             continue  # exited meanwhile
+        if any(h in cmd for h in HELPER_PROCESSES):
+            continue
         assert SANDBOX_PROCESS in cmd, (pid, cmd)
+        pids.append(pid)
     return pids
 
 

@@ -177,17 +177,24 @@ impl Serve {
     }
 
     /// Its sandbox processes, each checked to be what the backend runs.
+    /// The server's short-lived `qemu-img create` on a run directory is not a sandbox.
     fn sandbox_processes(&self) -> Vec<u32> {
-        let pids = processes_mentioning(&self.state.join("sandboxes"));
-        for &pid in &pids {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let mut pids = processes_mentioning(&self.state.join("sandboxes"));
+        pids.retain(|&pid| {
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false; // exited meanwhile
+            };
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains("qemu-img create ") {
+                return false;
+            }
             let kind = match self.backend {
                 Backend::Process => "firkin-envd",
                 Backend::Qemu => "qemu-system",
             };
             assert!(cmd.contains(kind), "{pid} is not a {kind}: {cmd}");
-        }
+            true
+        });
         pids
     }
 }
