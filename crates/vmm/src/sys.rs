@@ -22,8 +22,8 @@ fn dup_high(fd: &OwnedFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
-/// Arranges for the child to get SIGKILL when the thread that forks it exits, and to inherit
-/// each `(fd, number)` at exactly that number.
+/// Arranges for the child to get SIGKILL when the thread that forks it exits, to run without
+/// transparent huge pages, and to inherit each `(fd, number)` at exactly that number.
 ///
 /// The caller must fork from a thread that outlives the child (see `process::Spawner`): Linux
 /// delivers the parent-death signal when the forking *thread* exits.
@@ -45,6 +45,11 @@ pub(crate) fn configure_child(cmd: &mut Command, inherit: Vec<(OwnedFd, RawFd)>)
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
+            // QEMU asks for huge pages on its TCG translation cache and small ROM blocks
+            // (ACPI tables), which rounds each up to 2 MiB: ~3.5 MiB more per idle clone for
+            // ~3% faster creates and commands (measured side by side; DEVELOPERS.md). Density
+            // wins. Best effort: a kernel without the flag still runs QEMU.
+            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
             // The parent may have died between fork and prctl; then nobody would kill us.
             if libc::getppid() != parent {
                 return Err(io::Error::other("parent exited before exec"));

@@ -167,6 +167,9 @@ fn kill_9_of_a_clone_qemu_is_detected() {
             .expect("restore");
         let run_dir = vm.run_dir().to_path_buf();
         assert!(vm.is_alive());
+        // Spawned without transparent huge pages (they cost each clone ~3.5 MiB).
+        let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
+        assert!(status.contains("THP_enabled:\t0"), "{status}");
         kill(Pid::from_raw(vm.pid() as i32), Signal::SIGKILL).unwrap();
         let exit = tokio::time::timeout(Duration::from_secs(10), vm.exited())
             .await
