@@ -254,6 +254,14 @@ async fn guest_mode_as_pid1_in_namespaces() {
         "renamed\n"
     );
 
+    // envd (PID 1 inside), as seen from here.
+    let ns_pid = ns.0.as_ref().unwrap().id();
+    let children =
+        std::fs::read_to_string(format!("/proc/{ns_pid}/task/{ns_pid}/children")).unwrap();
+    let init_pid: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+
+    process_start_waits_for_machine_setup(&c, init_pid).await;
+
     // A long-running process, then SIGTERM to envd (PID 1 inside).
     let mut long = c
         .server_stream(
@@ -265,9 +273,6 @@ async fn guest_mode_as_pid1_in_namespaces() {
         .unwrap();
     long.next_json().await.unwrap();
     let mut ns = ns.0.take().unwrap();
-    let children =
-        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", ns.id())).unwrap();
-    let init_pid: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(init_pid),
         nix::sys::signal::Signal::SIGTERM,
@@ -289,4 +294,56 @@ async fn guest_mode_as_pid1_in_namespaces() {
     // unshare re-raises the signal that ended its child: SIGINT is what reboot(POWER_OFF)
     // delivers to the init of a child PID namespace.
     assert_eq!(status.signal(), Some(libc::SIGINT), "{status:?}");
+}
+
+/// `/init` answers before its rename is done, and a process start waits for it. Made
+/// deterministic by turning the guest's `/etc/hosts` into a FIFO: the set-up thread's rename
+/// blocks on it (after `sethostname`, which is why the output alone proves nothing) until this
+/// test plays the other end.
+async fn process_start_waits_for_machine_setup(c: &Client, envd_pid: i32) {
+    let hosts = PathBuf::from(format!("/proc/{envd_pid}/root/etc/hosts"));
+    let _ = std::fs::remove_file(&hosts);
+    nix::unistd::mkfifo(&hosts, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        c.init(&json!({"hostname": "held"})),
+    )
+    .await
+    .expect("/init waited for its rename")
+    .unwrap();
+    let started = {
+        let c = c.clone();
+        tokio::spawn(async move { c.run("cat /proc/sys/kernel/hostname").await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !started.is_finished(),
+        "a process ran while /init's rename was still in flight"
+    );
+
+    // Play the other end: the rename reads the old hosts, then writes the new one.
+    let fifo = hosts.clone();
+    let (done, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let res = (|| -> std::io::Result<String> {
+            std::fs::write(&fifo, "127.0.0.1\tlocalhost\n")?;
+            std::fs::read_to_string(&fifo)
+        })();
+        let _ = done.send(res);
+    });
+    let written = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the rename never touched /etc/hosts")
+        .unwrap();
+    assert_eq!(written, "127.0.0.1\tlocalhost\n127.0.1.1\theld\n");
+
+    let out = tokio::time::timeout(Duration::from_secs(10), started)
+        .await
+        .expect("the process never started after the rename finished")
+        .unwrap()
+        .unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "held\n");
+    std::fs::remove_file(&hosts).unwrap();
+    std::fs::write(&hosts, &written).unwrap();
 }
