@@ -89,6 +89,8 @@ pub struct PausedSandbox {
     pub descriptor: PathBuf,
     pub integrity: SnapshotArtifactIntegrity,
     pub budget: ResourceBudget,
+    /// Set by a pause: see [`crate::session::ContinuationSaved::depends_on`]. Not needed to resume.
+    pub depends_on: Vec<PathBuf>,
 }
 
 /// Where a sandbox comes from.
@@ -874,6 +876,7 @@ where
                 sandbox_id: id.clone(),
                 reason: e.to_string(),
             })?;
+        let depends_on = saved.depends_on.clone();
         let cache = Arc::clone(&self.inner.cache);
         let dir2 = dir.to_path_buf();
         let id2 = id.clone();
@@ -909,6 +912,7 @@ where
             descriptor,
             integrity,
             budget,
+            depends_on,
         })
     }
 
@@ -1108,6 +1112,7 @@ mod tests {
             Ok(ContinuationSaved {
                 components: vec![("ram".into(), "ram.bin".into())],
                 machine: serde_json::json!({"fake": true}),
+                depends_on: Vec::new(),
             })
         }
         async fn stop(&self) -> Result<(), FakeError> {

@@ -32,6 +32,10 @@ pub struct EnvdInit {
 pub struct ContinuationSaved {
     pub components: Vec<(String, String)>,
     pub machine: serde_json::Value,
+    /// Directories of other sealed snapshots whose files the continuation still reads (its
+    /// template's disk; earlier continuations' only if their layers could not be folded in).
+    /// An earlier continuation of the same sandbox that is not listed can be deleted.
+    pub depends_on: Vec<std::path::PathBuf>,
 }
 
 /// A running sandbox as the runtime drives it. Implemented by the QEMU backend.

@@ -315,6 +315,8 @@ impl SandboxSession for ProcessSession {
         Ok(ContinuationSaved {
             components: vec![("process".into(), STATE_FILE.into())],
             machine: serde_json::json!({"backend": "process", "home": "home"}),
+            // The home directory moved here: nothing earlier is read again.
+            depends_on: Vec::new(),
         })
     }
 

@@ -685,6 +685,51 @@ impl Store {
         tx.commit().op("marking a sandbox paused")
     }
 
+    /// Forgets the continuations of `id` other than its current one and those in `keep`, and
+    /// returns their directories for the caller to delete (after the commit: a crash in between
+    /// leaves directories the start-up clean-up removes, never a record without its files).
+    pub fn drop_superseded_snapshots(
+        &self,
+        id: &SandboxId,
+        keep: &[PathBuf],
+    ) -> Result<Vec<PathBuf>, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().op("dropping superseded snapshots")?;
+        let old: Vec<(String, PathBuf)> = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT snapshot_id, dir FROM snapshots
+                     WHERE sandbox_id = ?1
+                       AND snapshot_id IS NOT (SELECT snapshot_id FROM sandboxes
+                                               WHERE sandbox_id = ?1)",
+                )
+                .op("dropping superseded snapshots")?;
+            stmt.query_map([id.as_str()], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    PathBuf::from(r.get::<_, String>(1)?),
+                ))
+            })
+            .op("dropping superseded snapshots")?
+            .collect::<Result<Vec<_>, _>>()
+            .op("dropping superseded snapshots")?
+        };
+        let mut dirs = Vec::new();
+        for (snapshot_id, dir) in old {
+            if keep.contains(&dir) {
+                continue;
+            }
+            tx.execute(
+                "DELETE FROM snapshots WHERE snapshot_id = ?1",
+                [&snapshot_id],
+            )
+            .op("dropping superseded snapshots")?;
+            dirs.push(dir);
+        }
+        tx.commit().op("dropping superseded snapshots")?;
+        Ok(dirs)
+    }
+
     pub fn set_end(&self, id: &SandboxId, end_ms: i64) -> Result<bool, StoreError> {
         let n = self
             .lock()

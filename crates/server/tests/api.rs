@@ -594,12 +594,35 @@ async fn pause_then_connect_resumes_with_files_intact_on(backend: Backend) {
         .json();
     assert_eq!(d["state"], "running");
 
-    // Pause again and kill while paused: everything goes.
-    let r = s
-        .api(Method::POST, &format!("/sandboxes/{id}/pause"), "")
-        .await;
-    assert_eq!(r.status, StatusCode::NO_CONTENT);
-    assert!(s.state.join("snapshots").join(&id).is_dir());
+    // Pause again: the new continuation replaces the first (its disk no longer needs it), and
+    // resumes on its own, files intact; every later pause does the same.
+    let first = continuations(&s, &id);
+    assert_eq!(first.len(), 1, "{first:?}");
+    for round in 2..=3 {
+        let r = s
+            .api(Method::POST, &format!("/sandboxes/{id}/pause"), "")
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT);
+        let now = continuations(&s, &id);
+        assert_eq!(
+            now.len(),
+            1,
+            "pause {round} kept earlier continuations: {now:?}"
+        );
+        assert!(!first.contains(&now[0]));
+        if round == 3 {
+            break;
+        }
+        let c = s
+            .api(Method::POST, &format!("/v2/sandboxes/{id}/connect"), "{}")
+            .await;
+        assert_eq!(c.status, StatusCode::CREATED, "{}", c.text());
+        let r = s
+            .envd(&sb, Method::GET, "/files?path=note.txt", &[], "")
+            .await;
+        assert_eq!(r.text(), "kept across pause");
+    }
+    // Kill while paused: everything goes.
     let r = s.api(Method::DELETE, &format!("/sandboxes/{id}"), "").await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
     assert!(!s.state.join("snapshots").join(&id).exists());
@@ -607,6 +630,15 @@ async fn pause_then_connect_resumes_with_files_intact_on(backend: Backend) {
         .api(Method::POST, &format!("/v2/sandboxes/{id}/connect"), "{}")
         .await;
     r.assert_error(StatusCode::NOT_FOUND);
+}
+
+/// The continuation directories a sandbox has on disk.
+fn continuations(s: &TestServer, id: &str) -> Vec<std::path::PathBuf> {
+    let mut dirs: Vec<_> = std::fs::read_dir(s.state.join("snapshots").join(id))
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    dirs.sort();
+    dirs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

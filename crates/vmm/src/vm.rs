@@ -280,17 +280,47 @@ fn make_read_only(path: &Path) -> Result<()> {
 /// `qemu-img create -f qcow2 -b BACKING -F FMT OVERLAY`. The backing path recorded in the
 /// header is informational: QEMU is always given the whole chain explicitly.
 pub async fn create_overlay(qemu_img: &Path, backing: &DiskLayer, overlay: &Path) -> Result<()> {
-    let args: Vec<std::ffi::OsString> = vec![
-        "create".into(),
-        "-q".into(),
-        "-f".into(),
-        "qcow2".into(),
-        "-F".into(),
-        backing.format.as_str().into(),
-        "-b".into(),
-        backing.path.clone().into(),
-        overlay.into(),
-    ];
+    run_qemu_img(
+        qemu_img,
+        vec![
+            "create".into(),
+            "-q".into(),
+            "-f".into(),
+            "qcow2".into(),
+            "-F".into(),
+            backing.format.as_str().into(),
+            "-b".into(),
+            backing.path.clone().into(),
+            overlay.into(),
+        ],
+    )
+    .await
+}
+
+/// `qemu-img rebase -f qcow2 -b BASE -F FMT OVERLAY` (safe mode): copies into `overlay` every
+/// cluster the layers between it and `base` hold, then records `base` as its backing file. With
+/// `base` in the old chain, only clusters allocated above it are compared (milliseconds for a
+/// sandbox's few MiB). A failure part-way leaves `overlay` valid on its old chain: the copied
+/// clusters hold what the old chain already read there.
+pub async fn flatten_onto(qemu_img: &Path, overlay: &Path, base: &DiskLayer) -> Result<()> {
+    run_qemu_img(
+        qemu_img,
+        vec![
+            "rebase".into(),
+            "-q".into(),
+            "-f".into(),
+            "qcow2".into(),
+            "-F".into(),
+            base.format.as_str().into(),
+            "-b".into(),
+            base.path.clone().into(),
+            overlay.into(),
+        ],
+    )
+    .await
+}
+
+async fn run_qemu_img(qemu_img: &Path, args: Vec<std::ffi::OsString>) -> Result<()> {
     let out = tokio::process::Command::new(qemu_img)
         .args(&args)
         .stdin(std::process::Stdio::null())
@@ -680,7 +710,8 @@ impl Vm {
     /// (RAM included) into a paused helper QEMU whose RAM is `share=on` over the new
     /// `out_dir/ram.img`, which thereby becomes a full RAM image; the helper then writes the
     /// device state with `x-ignore-shared`, exactly like a template snapshot. The clone's
-    /// overlay becomes `out_dir/disk.qcow2`, on top of the snapshot's disk chain.
+    /// overlay becomes `out_dir/disk.qcow2`, flattened onto the template's disk: the result
+    /// needs no earlier continuation (unless flattening failed; its chain says which it needs).
     pub async fn save_continuation(mut self, out_dir: &Path) -> Result<Snapshot> {
         std::fs::create_dir_all(out_dir).map_err(VmmError::io("creating", out_dir))?;
         self.qmp.stop().await?;
@@ -755,6 +786,26 @@ impl Vm {
         let disk = out_dir.join(CONTINUATION_DISK_FILE);
         let overlay = self.run_dir.join(OVERLAY_FILE);
         move_file(&overlay, &disk)?;
+        // A resumed sandbox's overlay sits on its previous pause's layers. Folding those in keeps
+        // every continuation one layer over its template, so earlier pauses can be deleted and
+        // the chain never deepens however often a sandbox is paused.
+        let mut lower = lower;
+        if lower.len() > 1
+            && let Some(base) = lower.last().cloned()
+        {
+            let started = Instant::now();
+            match flatten_onto(&qemu_img_for(&self.machine), &disk, &base).await {
+                Ok(()) => {
+                    tracing::debug!(
+                        layers_folded = lower.len() - 1,
+                        ms = ms(started.elapsed()),
+                        "continuation disk flattened onto its template"
+                    );
+                    lower = vec![base];
+                }
+                Err(err) => tracing::warn!(%err, "keeping the continuation's full disk chain"),
+            }
+        }
         fsync_path(&disk)?;
         make_read_only(&disk)?;
 

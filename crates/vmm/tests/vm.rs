@@ -287,7 +287,9 @@ fn continuation_keeps_files_and_background_processes() {
         );
         assert!(out.contains("kept"), "file lost: {out}");
         assert!(out.contains("sleep 4242"), "background process lost: {out}");
-        // A second pause of the resumed sandbox stacks another overlay.
+        // A second pause of the resumed sandbox folds the first continuation's layer into its
+        // own: still one layer over the template, and the first continuation can go.
+        sh(resumed.envd_addr(), "echo later > /root/note2; sync");
         let cont2_dir = fixture()
             .dir
             .join(format!("continuation2-{}", std::process::id()));
@@ -295,13 +297,16 @@ fn continuation_keeps_files_and_background_processes() {
             .save_continuation(&cont2_dir)
             .await
             .expect("second pause");
-        assert_eq!(cont2.disk_chain().len(), 3);
+        assert_eq!(cont2.disk_chain().len(), 2);
+        assert_eq!(cont2.disk_chain()[1].path, snap.disk_chain()[0].path);
+        std::fs::remove_dir_all(&cont_dir).unwrap();
         let again = Vm::restore(&cont2, restore_request("resume2"))
             .await
             .expect("second resume");
-        let out = sh(again.envd_addr(), "cat /root/note");
-        assert_eq!(out.trim(), "kept");
+        let out = sh(again.envd_addr(), "cat /root/note /root/note2");
+        assert_eq!(out.trim(), "kept\nlater");
         again.stop(Duration::from_secs(10)).await.unwrap();
+        let _ = std::fs::remove_dir_all(&cont2_dir);
     });
 }
 

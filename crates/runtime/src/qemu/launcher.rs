@@ -292,9 +292,17 @@ impl SandboxSession for QemuSession {
             components.push((component::DISK.to_owned(), layer.path.display().to_string()));
         }
         let machine = serde_json::to_value(&snap.machine).unwrap_or(serde_json::Value::Null);
+        let mut depends_on: Vec<PathBuf> = snap
+            .disk
+            .iter()
+            .filter(|l| l.path.is_absolute())
+            .filter_map(|l| l.path.parent().map(Path::to_path_buf))
+            .collect();
+        depends_on.dedup();
         Ok(ContinuationSaved {
             components,
             machine,
+            depends_on,
         })
     }
 
