@@ -99,43 +99,41 @@ fn qemu() -> Check {
     }
 }
 
-fn find_file(dir: &Path, prefixes: &[&str], depth: usize) -> Option<PathBuf> {
-    let entries = std::fs::read_dir(dir).ok()?;
-    let mut subdirs = Vec::new();
-    for e in entries.filter_map(Result::ok) {
-        let p = e.path();
-        let name = e.file_name().to_string_lossy().into_owned();
-        if p.is_file() && prefixes.iter().any(|pre| name.starts_with(pre)) {
-            return Some(p);
-        }
-        if p.is_dir() {
-            subdirs.push(p);
-        }
+/// The guest kernel and the static guest binaries, located exactly as `firkin serve` locates
+/// them (each template build makes its own initramfs from these).
+fn guest_assets(paths: &firkin_runtime::FirkinPaths) -> Vec<Check> {
+    use firkin_runtime::qemu::{GuestAssets, GuestAssetsError};
+    match GuestAssets::locate(paths) {
+        Ok(a) => vec![
+            check(
+                "guest kernel",
+                Status::Ok,
+                format!(
+                    "{} ({}, {} modules)",
+                    a.kernel.version,
+                    a.kernel.vmlinuz.display(),
+                    a.kernel.modules.len()
+                ),
+            ),
+            check(
+                "guest binaries",
+                Status::Ok,
+                format!("{}, {}", a.init.display(), a.envd.display()),
+            ),
+        ],
+        Err(e @ GuestAssetsError::Kernel { .. }) => vec![
+            check("guest kernel", Status::Fail, e.to_string()),
+            check(
+                "guest binaries",
+                Status::Warn,
+                "not checked: the kernel is missing".to_owned(),
+            ),
+        ],
+        Err(e @ GuestAssetsError::Binary { .. }) => vec![
+            check("guest kernel", Status::Ok, "found".to_owned()),
+            check("guest binaries", Status::Fail, e.to_string()),
+        ],
     }
-    if depth == 0 {
-        return None;
-    }
-    subdirs
-        .into_iter()
-        .find_map(|d| find_file(&d, prefixes, depth - 1))
-}
-
-fn guest_assets(cache: &Path) -> Vec<Check> {
-    let guest = cache.join("guest");
-    let kernel = find_file(&guest, &["vmlinuz", "bzImage", "kernel"], 3);
-    let initramfs = find_file(&guest, &["initramfs", "initrd"], 3);
-    let describe = |what: &'static str, found: Option<PathBuf>| match found {
-        Some(p) => check(what, Status::Ok, p.display().to_string()),
-        None => check(
-            what,
-            Status::Fail,
-            format!("not found under {}; run scripts/setup.sh", guest.display()),
-        ),
-    };
-    vec![
-        describe("guest kernel", kernel),
-        describe("guest initramfs", initramfs),
-    ]
 }
 
 fn disk(what: &'static str, dir: &Path, floor: Size) -> Check {
@@ -246,7 +244,7 @@ pub async fn run(args: DoctorArgs) -> Result<ExitCode> {
     let paths = crate::serve::resolve_paths(args.state_dir.clone(), args.cache_dir.clone())?;
     let floor = firkin_runtime::DEFAULT_RESTORE_DISK_FLOOR;
     let mut checks = vec![accelerator(), qemu()];
-    checks.extend(guest_assets(paths.cache_dir()));
+    checks.extend(guest_assets(&paths));
     checks.push(disk("disk (state)", paths.state_dir(), floor));
     checks.push(disk("disk (cache)", paths.cache_dir(), floor));
     checks.push(port(args.listen).await);

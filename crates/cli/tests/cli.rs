@@ -405,3 +405,48 @@ fn kill_9_then_restart_leaves_nothing_behind_on(backend: Backend) {
     assert_eq!((code, out.as_str()), (0, "kept\n"));
     s.await_sandbox_processes(1 + s.warm_depth());
 }
+
+/// `firkin doctor` checks the guest assets where `firkin serve` loads them: it fails, naming
+/// the set-up script, on an empty cache, and passes on the cache the VM tests use.
+#[test]
+fn doctor_finds_the_guest_assets_serve_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let doctor = |cache: &Path| {
+        let out = Command::new(firkin())
+            .args(["doctor", "--json", "--listen"])
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .env("FIRKIN_STATE_DIR", dir.path().join("state"))
+            .env("FIRKIN_CACHE_DIR", cache)
+            .env_remove("FIRKIN_GUEST_BIN_DIR")
+            .output()
+            .unwrap();
+        let checks: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        let status = |name: &str| {
+            let c = checks
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["check"] == name)
+                .unwrap_or_else(|| panic!("no {name} check in {checks}"));
+            (
+                c["status"].as_str().unwrap().to_owned(),
+                c["detail"].as_str().unwrap().to_owned(),
+            )
+        };
+        (
+            out.status.success(),
+            status("guest kernel"),
+            status("guest binaries"),
+        )
+    };
+
+    let (ok, (kernel, detail), _) = doctor(&dir.path().join("empty-cache"));
+    assert!(!ok, "doctor passed without a guest kernel");
+    assert_eq!(kernel, "fail");
+    assert!(detail.contains("scripts/setup.sh"), "{detail}");
+
+    let (_, kernel, binaries) = doctor(&shared_cache_dir());
+    assert_eq!(kernel.0, "ok", "{}", kernel.1);
+    assert_eq!(binaries.0, "ok", "{}", binaries.1);
+}
