@@ -92,6 +92,15 @@ def sandbox_processes(state_dir: str) -> list[int]:
     return pids
 
 
+def assert_nothing_outlives(state_dir: str, timeout: float = 20) -> None:
+    """After its server exits, no process mentions the state directory for long (PDEATHSIG
+    is delivered asynchronously, so a VM the server was starting may take a moment)."""
+    deadline = time.monotonic() + timeout
+    while processes_mentioning(state_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_mentioning(state_dir) == [], "processes outlived the server"
+
+
 def wait_for_sandbox_processes(state_dir: str, want: int, timeout: float = 60) -> None:
     """Waits until exactly `want` sandbox processes run (the warm pool refills in the
     background, stopped VMs take a moment to exit)."""
@@ -547,10 +556,7 @@ def test_kill_9_with_three_running_then_restart(workdir):
         wait_for_sandbox_processes(state, 3 + WARM)
         s.crash()
         # The VMs die with the server (PDEATHSIG): nothing runs without a server that knows it.
-        deadline = time.monotonic() + 20
-        while processes_mentioning(state) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert processes_mentioning(state) == [], "sandbox processes outlived the server"
+        assert_nothing_outlives(state)
 
         s.start()
         # Nothing runs that the new server did not start itself (its warm pool).
@@ -573,4 +579,4 @@ def test_kill_9_with_three_running_then_restart(workdir):
         assert_every_process_has_a_record(s)
     finally:
         s.stop()
-    assert processes_mentioning(state) == []
+    assert_nothing_outlives(state)
