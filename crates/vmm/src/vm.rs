@@ -280,21 +280,7 @@ fn make_read_only(path: &Path) -> Result<()> {
 /// `qemu-img create -f qcow2 -b BACKING -F FMT OVERLAY`. The backing path recorded in the
 /// header is informational: QEMU is always given the whole chain explicitly.
 pub async fn create_overlay(qemu_img: &Path, backing: &DiskLayer, overlay: &Path) -> Result<()> {
-    run_qemu_img(
-        qemu_img,
-        vec![
-            "create".into(),
-            "-q".into(),
-            "-f".into(),
-            "qcow2".into(),
-            "-F".into(),
-            backing.format.as_str().into(),
-            "-b".into(),
-            backing.path.clone().into(),
-            overlay.into(),
-        ],
-    )
-    .await
+    run_qemu_img(qemu_img, qcow2_on("create", backing, overlay)).await
 }
 
 /// `qemu-img rebase -f qcow2 -b BASE -F FMT OVERLAY` (safe mode): copies into `overlay` every
@@ -303,21 +289,23 @@ pub async fn create_overlay(qemu_img: &Path, backing: &DiskLayer, overlay: &Path
 /// sandbox's few MiB). A failure part-way leaves `overlay` valid on its old chain: the copied
 /// clusters hold what the old chain already read there.
 pub async fn flatten_onto(qemu_img: &Path, overlay: &Path, base: &DiskLayer) -> Result<()> {
-    run_qemu_img(
-        qemu_img,
-        vec![
-            "rebase".into(),
-            "-q".into(),
-            "-f".into(),
-            "qcow2".into(),
-            "-F".into(),
-            base.format.as_str().into(),
-            "-b".into(),
-            base.path.clone().into(),
-            overlay.into(),
-        ],
-    )
-    .await
+    run_qemu_img(qemu_img, qcow2_on("rebase", base, overlay)).await
+}
+
+/// `qemu-img SUBCOMMAND -q -f qcow2 -F FMT -b BACKING OVERLAY`: the shape `create` and `rebase`
+/// share.
+fn qcow2_on(subcommand: &str, backing: &DiskLayer, overlay: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        subcommand.into(),
+        "-q".into(),
+        "-f".into(),
+        "qcow2".into(),
+        "-F".into(),
+        backing.format.as_str().into(),
+        "-b".into(),
+        backing.path.clone().into(),
+        overlay.into(),
+    ]
 }
 
 async fn run_qemu_img(qemu_img: &Path, args: Vec<std::ffi::OsString>) -> Result<()> {
