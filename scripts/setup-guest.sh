@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Installs what firkin's guests need and builds the guest-side assets. Idempotent; run as root
-# on Debian 12 (CI and developer machines). Called by the top-level set-up scripts.
+# Installs the host programs firkin runs and builds the guest-side assets. Idempotent; run as
+# root on Debian 12 (CI and developer machines). Called by the top-level set-up scripts.
 #
-#   scripts/setup-guest.sh            # packages, static guest binaries, guest kernel
+#   scripts/setup-guest.sh            # packages, static guest binaries, guest kernel, final check
+#   scripts/setup-guest.sh --verify   # only the final check: every host tool is there and runs
+#
+# The packages come from the one list in the code (`firkin-guest host-tools packages`, from
+# crates/types/src/host_tools.rs), which `firkin doctor` and `firkin serve` check too.
 #
 # Environment:
 #   FIRKIN_CACHE_DIR   cache directory (default ~/.firkin/cache); the kernel goes to
 #                      $FIRKIN_CACHE_DIR/kernel
-#   FIRKIN_SKIP_APT=1  skip apt-get (packages already installed)
+#   FIRKIN_SKIP_APT=1  skip apt-get (packages already installed); the final check still runs
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,23 +25,56 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-install_packages() {
-    local want=(mmdebstrap e2fsprogs cpio busybox-static protobuf-compiler)
-    local missing=()
-    command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
-    # qemu-img only when absent: some machines carry a backported qemu-utils that a fresh
-    # request for Debian's would conflict with.
-    command -v qemu-img >/dev/null || missing+=(qemu-utils)
-    for p in "${want[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-    done
-    if [ "${#missing[@]}" -eq 0 ]; then
-        log "packages present"
+# FIRKIN_GUEST_TOOL: a built firkin-guest to use instead of `cargo run` (the tests use it).
+firkin_guest() {
+    if [ -n "${FIRKIN_GUEST_TOOL:-}" ]; then
+        "$FIRKIN_GUEST_TOOL" "$@"
     else
-        log "installing ${missing[*]}"
+        (cd "$repo" && cargo run --locked -q -p firkin-guest --bin firkin-guest -- "$@")
+    fi
+}
+
+installed_version() {
+    dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null |
+        awk '$1 == "install" && $2 == "ok" && $3 == "installed" { print $4 }'
+}
+
+install_packages() {
+    local wanted=() p
+    mapfile -t wanted < <(firkin_guest host-tools packages)
+    # The SDK test suites' virtualenv (Debian's python3 lacks ensurepip without it).
+    wanted+=(python3-venv)
+
+    # QEMU's packages must be one version: an image may carry a backported qemu-utils, and apt
+    # resolves qemu-system-x86's conflict with it by *removing* qemu-utils (qemu-img gone), or
+    # refuses both at once as "held broken packages". So every qemu-* package is pinned to the
+    # version qemu-system-x86 installs at, in one transaction, downgrading a mismatched one.
+    local qemu_now utils_now missing=()
+    qemu_now=$(installed_version qemu-system-x86)
+    utils_now=$(installed_version qemu-utils)
+    for p in "${wanted[@]}"; do
+        [ -n "$(installed_version "$p")" ] || missing+=("$p")
+    done
+    if [ "${#missing[@]}" -eq 0 ] && [ "$qemu_now" = "$utils_now" ]; then
+        log "packages present (QEMU $qemu_now)"
+    else
         as_root apt-get update -q
+        local qemu_version args=()
+        qemu_version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ { print $2 }')
+        if [ -z "$qemu_version" ] || [ "$qemu_version" = "(none)" ]; then
+            log "apt has no candidate for qemu-system-x86; is this Debian 12 with main enabled?"
+            exit 1
+        fi
+        for p in "${wanted[@]}"; do
+            case "$p" in
+                qemu-*) args+=("$p=$qemu_version") ;;
+                *) args+=("$p") ;;
+            esac
+        done
+        log "installing ${args[*]}"
         # --no-install-recommends: qemu-system-x86's recommends pull in a GUI stack.
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+            --no-install-recommends --allow-downgrades "${args[@]}"
     fi
     # `apt-get download` (the guest kernel) needs package lists even when nothing was installed.
     if ! apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q 'Candidate: [0-9]'; then
@@ -68,10 +105,24 @@ build_guest_binaries() {
 fetch_kernel() {
     log "guest kernel into $cache/kernel"
     mkdir -p "$cache"
-    (cd "$repo" && cargo run --locked -q -p firkin-guest --bin firkin-guest -- kernel --dir "$cache/kernel")
+    firkin_guest kernel --dir "$cache/kernel"
 }
 
+# After the install, never before it: an install can remove a tool that was there.
+verify_tools() {
+    log "checking every host program firkin runs"
+    if ! firkin_guest host-tools check; then
+        log "a host tool is missing or broken (above); the set-up is incomplete"
+        exit 1
+    fi
+}
+
+if [ "${1:-}" = --verify ]; then
+    verify_tools
+    exit 0
+fi
 [ "${FIRKIN_SKIP_APT:-0}" = 1 ] || install_packages
 build_guest_binaries
 fetch_kernel
+verify_tools
 log "done"

@@ -21,6 +21,12 @@ if [ "${FIRKIN_TEST_SKIP_SETUP:-0}" != 1 ]; then
   elapsed
 fi
 
+# A machine missing a host tool fails here, at the start, naming it (not minutes later in a
+# test that happens to call it).
+step "firkin doctor (the host can run firkin)"
+cargo run --locked -q -p firkin -- doctor --listen 127.0.0.1:0
+elapsed
+
 step "format"
 cargo fmt --all -- --check
 

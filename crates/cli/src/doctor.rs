@@ -9,7 +9,8 @@ use firkin_server::{CapacityPolicy, HostResources};
 use firkin_types::Size;
 use serde::Serialize;
 
-/// Check the host: accelerator, QEMU, guest assets, disk, the listen port, capacity.
+/// Check the host: accelerator, the host programs firkin runs (QEMU, qemu-img, template
+/// tools), guest assets, disk, the listen port, capacity.
 ///
 /// Exits non-zero if a check fails (warnings do not fail).
 ///
@@ -71,32 +72,17 @@ fn accelerator() -> Check {
     check("accelerator", status, format!("{}: {}", d.accel, d.reason))
 }
 
-fn qemu() -> Check {
-    let bin = std::env::var_os("FIRKIN_QEMU").unwrap_or_else(|| "qemu-system-x86_64".into());
-    match std::process::Command::new(&bin).arg("--version").output() {
-        Ok(out) if out.status.success() => {
-            let text = String::from_utf8_lossy(&out.stdout);
-            let first = text.lines().next().unwrap_or("").trim().to_owned();
-            check("qemu", Status::Ok, first)
-        }
-        Ok(out) => check(
-            "qemu",
-            Status::Fail,
-            format!(
-                "{} --version exited with {}",
-                bin.to_string_lossy(),
-                out.status
-            ),
-        ),
-        Err(e) => check(
-            "qemu",
-            Status::Fail,
-            format!(
-                "{} not found ({e}); install it: apt-get install --no-install-recommends qemu-system-x86",
-                bin.to_string_lossy()
-            ),
-        ),
-    }
+/// Every host program firkin runs for sandboxes and template builds, from the one list the
+/// set-up installs and `firkin serve` checks at start.
+fn host_tools() -> Vec<Check> {
+    use firkin_types::ToolUse;
+    firkin_guest::host_tools::check_all(&[ToolUse::Sandboxes, ToolUse::Templates])
+        .into_iter()
+        .map(|(tool, result)| match result {
+            Ok(version) => check(tool.binary, Status::Ok, version),
+            Err(err) => check(tool.binary, Status::Fail, err.to_string()),
+        })
+        .collect()
 }
 
 /// The guest kernel and the static guest binaries, located exactly as `firkin serve` locates
@@ -243,7 +229,8 @@ fn capacity(state: &Path) -> Check {
 pub async fn run(args: DoctorArgs) -> Result<ExitCode> {
     let paths = crate::serve::resolve_paths(args.state_dir.clone(), args.cache_dir.clone())?;
     let floor = firkin_runtime::DEFAULT_RESTORE_DISK_FLOOR;
-    let mut checks = vec![accelerator(), qemu()];
+    let mut checks = vec![accelerator()];
+    checks.extend(host_tools());
     checks.extend(guest_assets(&paths));
     checks.push(disk("disk (state)", paths.state_dir(), floor));
     checks.push(disk("disk (cache)", paths.cache_dir(), floor));

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod client;
 mod doctor;
+mod logging;
 mod sandbox;
 mod serve;
 mod template;
@@ -26,6 +27,17 @@ struct Cli {
     /// Log filter (tracing syntax), e.g. `info`, `firkin_server=debug`.
     #[arg(long, env = "FIRKIN_LOG", default_value = "info", global = true)]
     log: String,
+
+    /// Log format on stderr: `auto` is text, coloured only on a terminal (and never with
+    /// NO_COLOR set); `text` is never coloured; `json` is one JSON object per line.
+    #[arg(
+        long,
+        value_enum,
+        env = "FIRKIN_LOG_FORMAT",
+        default_value_t = logging::LogFormat::Auto,
+        global = true
+    )]
+    log_format: logging::LogFormat,
 
     #[command(subcommand)]
     command: Command,
@@ -53,24 +65,22 @@ fn main() -> ExitCode {
         // which is how every sandbox stop ends, not a fault.
         filter = filter.add_directive(quiet);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init(filter, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("firkin: cannot start the async runtime: {err}");
+            let err = anyhow::Error::new(err).context("cannot start the async runtime");
+            logging::fatal(cli.log_format, &err);
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("firkin: {err:#}");
+            logging::fatal(cli.log_format, &err);
             ExitCode::FAILURE
         }
     }

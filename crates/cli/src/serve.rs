@@ -188,7 +188,27 @@ async fn shutdown_signal() {
     }
 }
 
+/// Refuses to start without a program every create needs (a server that starts and then fails
+/// every create helps nobody); warns when template builds will fail.
+fn check_host_tools() -> Result<()> {
+    use firkin_types::ToolUse;
+    for (_, result) in firkin_guest::host_tools::check_all(&[ToolUse::Sandboxes]) {
+        if let Err(err) = result {
+            bail!("cannot serve sandboxes: {err}");
+        }
+    }
+    for (_, result) in firkin_guest::host_tools::check_all(&[ToolUse::Templates]) {
+        if let Err(err) = result {
+            tracing::warn!(%err, "template builds will fail");
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(args: ServeArgs) -> Result<()> {
+    if args.backend == Backend::Qemu {
+        check_host_tools()?;
+    }
     let paths = resolve_paths(args.state_dir.clone(), args.cache_dir.clone())?;
     std::fs::create_dir_all(paths.state_dir())
         .with_context(|| format!("creating {}", paths.state_dir().display()))?;
@@ -311,7 +331,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 
     match ensure {
         Some(EnsureTemplate::Building { build_id, progress }) => {
-            eprintln!("Building the default template `base` (first start; build {build_id})…");
+            tracing::info!(%build_id, "building the default template `base` (first start)");
             if let Err(reason) = follow_build(&progress).await {
                 let _ = stop_tx.send(());
                 let _ = serving.await;
@@ -330,7 +350,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Shows a build's progress until it ends.
+/// Shows a build's progress until it ends: as a progress bar on a terminal, else as log lines
+/// (indicatif draws nothing off a terminal, its `println` included). Phases are log lines too.
 pub async fn follow_build(progress: &BuildProgress) -> Result<(), String> {
     let bar = ProgressBar::new(1000);
     bar.set_style(
@@ -343,7 +364,11 @@ pub async fn follow_build(progress: &BuildProgress) -> Result<(), String> {
     loop {
         let s = progress.snapshot();
         for line in s.logs.iter().skip(shown) {
-            bar.println(format!("  {line}"));
+            if bar.is_hidden() {
+                tracing::info!(%line, "template build");
+            } else {
+                bar.println(format!("  {line}"));
+            }
         }
         shown = s.logs.len();
         bar.set_message(s.phase.clone());

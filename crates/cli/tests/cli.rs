@@ -450,3 +450,140 @@ fn doctor_finds_the_guest_assets_serve_uses() {
     assert_eq!(kernel.0, "ok", "{}", kernel.1);
     assert_eq!(binaries.0, "ok", "{}", binaries.1);
 }
+
+/// One `firkin serve` on the process backend whose agent binary does not exist: it builds its
+/// default template (the progress bar's code path) and its warm pool's refills fail (a warning,
+/// then retries with backoff). Stdout and stderr are pipes. Returns both once a retry was
+/// logged, the server killed.
+fn serve_with_a_failing_warm_pool(log_format: Option<&str>) -> (Vec<u8>, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(firkin());
+    cmd.arg("serve")
+        .arg(format!("--listen=127.0.0.1:{}", free_port()))
+        .args(["--backend", "process", "--envd-bin"])
+        .arg(dir.path().join("no-such-envd"))
+        .env("FIRKIN_STATE_DIR", dir.path().join("state"))
+        .env("FIRKIN_CACHE_DIR", dir.path().join("cache"))
+        .env("FIRKIN_API_KEY", KEY)
+        .env("FIRKIN_LOG", "info,firkin_runtime=debug")
+        // What would make colour and progress bars appear if only the environment counted.
+        .env("TERM", "xterm-256color")
+        .env_remove("NO_COLOR")
+        .env_remove("FIRKIN_LOG_FORMAT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(f) = log_format {
+        cmd.args(["--log-format", f]);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let mut err_pipe = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match std::io::Read::read(&mut err_pipe, &mut buf) {
+                Ok(0) | Err(_) => return all,
+                Ok(n) => {
+                    all.extend_from_slice(&buf[..n]);
+                    let _ = tx.send(String::from_utf8_lossy(&all).into_owned());
+                }
+            }
+        }
+    });
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut stdout = String::new();
+    while !stdout.contains("firkin is ready") {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "serve exited: {stdout}\n{}",
+                String::from_utf8_lossy(&stderr.join().unwrap())
+            );
+        }
+        stdout.push_str(&line);
+    }
+    // The first refill fails at once; a repeat comes after the first backoff (1 s).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = String::new();
+    while !seen.contains("warm pool refill failed again") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(s) => seen = s,
+            Err(_) => break,
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut out, &mut rest).unwrap();
+    let mut stdout = stdout.into_bytes();
+    stdout.extend(rest);
+    (stdout, stderr.join().unwrap())
+}
+
+fn assert_no_escapes(what: &str, bytes: &[u8]) {
+    assert!(
+        !bytes.contains(&0x1b),
+        "{what} through a pipe holds ESC bytes:\n{}",
+        String::from_utf8_lossy(bytes)
+    );
+}
+
+/// Logs through a pipe carry no colour or progress-bar codes, and `--log-format json` makes
+/// stderr one JSON object per line. The repeated refill failure is warned about once.
+#[test]
+fn piped_logs_are_plain_text_or_json_lines() {
+    let (stdout, stderr) = serve_with_a_failing_warm_pool(None);
+    assert_no_escapes("stdout", &stdout);
+    assert_no_escapes("stderr", &stderr);
+    let text = String::from_utf8(stderr).unwrap();
+    let count = |level: &str, what: &str| {
+        text.lines()
+            .filter(|l| l.contains(level) && l.contains(what))
+            .count()
+    };
+    assert_eq!(count(" WARN ", "warm pool refill failed"), 1, "{text}");
+    assert!(
+        count(" DEBUG ", "warm pool refill failed again") >= 1,
+        "{text}"
+    );
+    assert!(count(" INFO ", "template build") >= 1, "{text}");
+    assert!(count(" INFO ", "listening") == 1, "{text}");
+
+    let (stdout, stderr) = serve_with_a_failing_warm_pool(Some("json"));
+    assert_no_escapes("stdout", &stdout);
+    assert_no_escapes("stderr", &stderr);
+    let text = String::from_utf8(stderr).unwrap();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}\nin:\n{text}"));
+            assert!(v.is_object(), "not an object: {l}");
+            assert!(v["timestamp"].is_string() && v["level"].is_string(), "{l}");
+            v
+        })
+        .collect();
+    let count = |level: &str, what: &str| {
+        events
+            .iter()
+            .filter(|e| {
+                e["level"] == level
+                    && e["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with(what))
+            })
+            .count()
+    };
+    assert_eq!(count("WARN", "warm pool refill failed"), 1, "{text}");
+    assert!(
+        count("DEBUG", "warm pool refill failed again") >= 1,
+        "{text}"
+    );
+    assert!(count("INFO", "template build") >= 1, "{text}");
+    assert_eq!(count("INFO", "listening"), 1, "{text}");
+}

@@ -90,6 +90,11 @@ fn mount_points() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Where a sandbox VM's secret appears: QEMU's `-fw_cfg name=opt/firkin/secret` (the
+/// `qemu_fw_cfg` module exposes it). It comes from the QEMU that runs the VM now, not from the
+/// snapshot, so each restore of a template has its own, and only the host knows it.
+pub const HOST_SECRET_FILE: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/firkin/secret/raw";
+
 /// Mounts whatever of the standard pseudo filesystems is missing. Failures are logged, not
 /// fatal: a half-equipped guest that answers the host beats one that is gone.
 pub fn mount_filesystems() {

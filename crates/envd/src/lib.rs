@@ -17,6 +17,7 @@ mod generated {
 }
 pub use generated::{filesystem as fs_proto, process as process_proto};
 
+pub mod baseline;
 pub mod client;
 pub mod fsops;
 pub mod guest;

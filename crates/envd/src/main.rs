@@ -39,6 +39,12 @@ struct Cli {
     #[arg(long, value_name = "DIR")]
     workdir: Option<PathBuf>,
 
+    /// A file holding the host's secret for this VM: until `/init` sets an access token, every
+    /// request but /health must carry it in X-Access-Token [default: guest mode: the secret
+    /// QEMU's fw_cfg gives the VM; host mode: none, and requests need no token until /init].
+    #[arg(long, value_name = "FILE")]
+    host_secret_file: Option<PathBuf>,
+
     /// Log filter (tracing-subscriber syntax), e.g. `info` or `firkin_envd=debug`.
     #[arg(long, env = "FIRKIN_ENVD_LOG", default_value = "info")]
     log: String,
@@ -55,6 +61,9 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Escape codes only for a person at a terminal: not in a pipe, and never in guest mode,
+        // where stderr is the serial console (a tty) that QEMU writes to the host's console.log.
+        .with_ansi(!cli.guest && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     let mode = if cli.guest { Mode::Guest } else { Mode::Host };
@@ -119,13 +128,18 @@ async fn run(cli: Cli, mode: Mode) -> Result<()> {
         Mode::Guest => SocketAddr::from(([0, 0, 0, 0], GUEST_PORT)),
         Mode::Host => SocketAddr::from(([127, 0, 0, 1], GUEST_PORT)),
     });
-    let envd = Arc::new(Envd::new(
-        mode,
-        accounts,
-        user.name.clone(),
-        cli.workdir.clone(),
-        reaper.clone(),
-    ));
+    let envd = Arc::new(
+        Envd::new(
+            mode,
+            accounts,
+            user.name.clone(),
+            cli.workdir.clone(),
+            reaper.clone(),
+        )
+        .with_host_secret(cli.host_secret_file.clone().or_else(|| {
+            (mode == Mode::Guest).then(|| PathBuf::from(firkin_envd::guest::HOST_SECRET_FILE))
+        })),
+    );
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;

@@ -1,6 +1,6 @@
 //! Shared agent state: the settings `/init` changes, and the tables the services keep.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -54,6 +54,24 @@ pub struct Envd {
     /// Runs that set-up. A long-lived thread started with the agent, so that it already exists
     /// in a template snapshot: a thread created after a restore costs tens of ms under TCG.
     setup_worker: Option<std::sync::mpsc::Sender<SetupJob>>,
+    /// A file holding the secret the host gave this VM (QEMU's fw_cfg in a sandbox). Until
+    /// `/init` sets an access token, every request must carry this secret instead. It is read
+    /// on each such request, never cached: a restored clone sees its own VM's secret, not the
+    /// one its template was booted with.
+    host_secret: Option<PathBuf>,
+    /// The pids a template build marked as its own (see [`crate::baseline`]); in the snapshot.
+    template_processes: RwLock<Option<BTreeSet<i32>>>,
+}
+
+/// What a request must carry to be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    /// Nothing: a host-mode agent without a token or a secret.
+    Open,
+    /// This token, in `X-Access-Token` (or a `/files` signature made with it).
+    Token(String),
+    /// Nothing is served: the secret that would open it cannot be read.
+    Closed(String),
 }
 
 type SetupJob = Box<dyn FnOnce() + Send>;
@@ -96,7 +114,56 @@ impl Envd {
             reaper,
             machine_setup: Arc::default(),
             setup_worker: start_setup_worker(),
+            host_secret: None,
+            template_processes: RwLock::new(None),
         }
+    }
+
+    /// Gates every request on the secret in `path` until `/init` sets a token.
+    pub fn with_host_secret(mut self, path: Option<PathBuf>) -> Self {
+        self.host_secret = path;
+        self
+    }
+
+    /// What the next request must carry: the token `/init` set, else the host's secret.
+    pub fn gate(&self) -> Gate {
+        if let Some(token) = self.access_token() {
+            return Gate::Token(token);
+        }
+        let Some(path) = &self.host_secret else {
+            return Gate::Open;
+        };
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let secret = String::from_utf8_lossy(&bytes).trim().to_owned();
+                if secret.is_empty() {
+                    Gate::Closed(format!("the host secret in {} is empty", path.display()))
+                } else {
+                    Gate::Token(secret)
+                }
+            }
+            Err(e) => Gate::Closed(format!(
+                "cannot read the host secret {}: {e}",
+                path.display()
+            )),
+        }
+    }
+
+    /// Marks the processes running now as the template's own.
+    pub fn mark_template_processes(&self, pids: BTreeSet<i32>) {
+        match self.template_processes.write() {
+            Ok(mut g) => *g = Some(pids),
+            Err(poisoned) => *poisoned.into_inner() = Some(pids),
+        }
+    }
+
+    /// The pids marked as the template's own; empty if none were marked.
+    pub fn template_processes(&self) -> BTreeSet<i32> {
+        let g = match self.template_processes.read() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        g.clone().unwrap_or_default()
     }
 
     /// Runs `job` on the machine set-up thread (or the blocking pool if that thread is gone).

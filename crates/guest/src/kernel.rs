@@ -24,6 +24,8 @@ pub const VIRTIO_MODULES: &[&str] = &[
     "virtio_net",
     "virtio_console",
     "virtio-rng",
+    // The host's per-VM secret (QEMU fw_cfg `opt/firkin/secret`), envd's gate before `/init`.
+    "qemu_fw_cfg",
 ];
 
 /// The Debian meta package that names the current cloud kernel.

@@ -5,6 +5,7 @@
 //! through a [`Progress`] callback so the CLI can draw a bar.
 
 mod error;
+pub mod host_tools;
 pub mod initramfs;
 pub mod kernel;
 pub mod oci;

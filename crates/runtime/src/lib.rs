@@ -17,6 +17,7 @@
 pub use firkin_core as core;
 pub use firkin_types as types;
 
+mod backoff;
 mod cube;
 mod disk;
 mod paths;
@@ -25,6 +26,7 @@ mod restore;
 mod samples;
 mod service;
 mod session;
+mod warm_pool;
 
 #[cfg(feature = "snapshot")]
 mod continuation;
@@ -46,6 +48,7 @@ pub use service::{
     SandboxRuntime, SandboxSource, StartSandbox, StartedSandbox, TemplateSnapshot,
 };
 pub use session::{ContinuationSaved, EnvdInit, SandboxSession};
+pub use warm_pool::{WarmPoolFailure, WarmPoolStatus};
 
 #[cfg(feature = "snapshot")]
 pub use continuation::{PersistedContainerSnapshotState, PersistedStateError};

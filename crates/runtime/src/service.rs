@@ -30,6 +30,7 @@ use crate::restore::{
 };
 use crate::samples::BenchmarkSample;
 use crate::session::{EnvdInit, SandboxSession};
+use crate::warm_pool::{PoolHealth, WarmPoolStatus};
 use crate::{
     DEFAULT_RESTORE_DISK_FLOOR, DEFAULT_WARM_POOL_DISK_FLOOR, WARM_SNAPSHOT_RESTORE_METRIC,
 };
@@ -224,6 +225,8 @@ struct Inner<L: SnapshotSessionLauncher> {
     state: Mutex<State<L::Session>>,
     exits: broadcast::Sender<SandboxExit>,
     pool_targets: Mutex<HashMap<PathBuf, (TemplateSnapshot, usize)>>,
+    /// Lock order: never held together with `state` or `pool_targets`.
+    pool_health: Mutex<PoolHealth>,
     refill: Notify,
 }
 
@@ -439,6 +442,7 @@ where
                 cache,
                 exits,
                 pool_targets: Mutex::new(HashMap::new()),
+                pool_health: Mutex::new(PoolHealth::default()),
                 refill: Notify::new(),
             }),
         }
@@ -607,7 +611,11 @@ where
                 continue;
             }
             let checkout = started.elapsed();
-            if let Err(err) = warm.session.init(&req.init).await {
+            let init = EnvdInit {
+                require_template_processes_only: true,
+                ..req.init.clone()
+            };
+            if let Err(err) = warm.session.init(&init).await {
                 tracing::warn!(%err, "warm sandbox refused /init; discarding it");
                 let _ = warm.session.stop().await;
                 drop(held);
@@ -916,24 +924,81 @@ where
         })
     }
 
-    /// Keeps `depth` restored sandboxes of `template` ready (0 removes the target). Call
-    /// [`SandboxRuntime::run_warm_pool`] once to run the refill loop.
+    /// Keeps `depth` restored sandboxes of `template` ready (0 removes the target). A new build
+    /// of a template replaces the pool of its earlier builds: their snapshots are pruned after
+    /// a rebuild, so refilling them could only fail, and their entries can never be checked
+    /// out. Call [`SandboxRuntime::run_warm_pool`] once to run the refill loop.
     pub fn set_warm_pool(&self, template: TemplateSnapshot, depth: usize) {
         let key = template.pool_key();
         let mut targets = lock(&self.inner.pool_targets);
+        let superseded: Vec<PathBuf> = targets
+            .iter()
+            .filter(|(k, (t, _))| **k != key && t.template_id == template.template_id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &superseded {
+            targets.remove(k);
+        }
         if depth == 0 {
             targets.remove(&key);
         } else {
-            targets.insert(key, (template, depth));
+            targets.insert(key.clone(), (template, depth));
         }
         drop(targets);
+        let mut st = lock(&self.inner.state);
+        let mut stale = Vec::new();
+        for k in &superseded {
+            for w in st.warm.remove(k).unwrap_or_default() {
+                let _ = st.ledger.release_warm(w.budget);
+                stale.push(w.session);
+            }
+        }
+        let evicted = grant_waiters(&mut st);
+        drop(st);
+        stop_all(stale);
+        stop_all(evicted);
+        // Whoever sets a pool again may have fixed what failed it.
+        lock(&self.inner.pool_health).nudge(&key);
         self.inner.refill.notify_one();
     }
 
+    /// Every warm pool: its target, its ready entries and whether its refills are failing.
+    pub fn warm_pools(&self) -> Vec<WarmPoolStatus> {
+        let targets: Vec<(TemplateSnapshot, usize)> =
+            lock(&self.inner.pool_targets).values().cloned().collect();
+        let ready: Vec<usize> = {
+            let st = lock(&self.inner.state);
+            let alive =
+                |q: &VecDeque<Warm<L::Session>>| q.iter().filter(|w| w.session.is_alive()).count();
+            targets
+                .iter()
+                .map(|(t, _)| st.warm.get(&t.pool_key()).map_or(0, alive))
+                .collect()
+        };
+        let health = lock(&self.inner.pool_health);
+        let now = tokio::time::Instant::now();
+        let mut pools: Vec<WarmPoolStatus> = targets
+            .into_iter()
+            .zip(ready)
+            .map(|((t, target), ready)| WarmPoolStatus {
+                failing: health.failure(&t.pool_key(), now),
+                template_id: t.template_id,
+                build_id: t.build_id,
+                target,
+                ready,
+            })
+            .collect();
+        pools.sort_by(|a, b| a.template_id.cmp(&b.template_id));
+        pools
+    }
+
     /// The warm-pool refill loop: restores entries while targets are unmet, capacity is free,
-    /// no create is waiting or in flight, and the warm-pool disk floor holds. Runs until the
+    /// no create is waiting or in flight, and the warm-pool disk floor holds; a pool whose
+    /// refills fail is retried with exponential backoff (1 s doubling to 5 min). Runs until the
     /// runtime is dropped by every other owner.
     pub async fn run_warm_pool(self) {
+        // A dead warm entry or freed disk produces no event.
+        const POLL: Duration = Duration::from_secs(5);
         let weak = Arc::downgrade(&self.inner);
         drop(self);
         loop {
@@ -945,8 +1010,14 @@ where
                 drop(rt);
                 async move {
                     let n = inner.refill.notified();
-                    // Poll periodically too: a dead warm entry or freed disk produces no event.
-                    let _ = tokio::time::timeout(Duration::from_secs(5), n).await;
+                    // Also wake when a failing pool's backoff ends. Earlier wake-ups (creates,
+                    // kills) find it not yet due, so they cannot shorten its backoff.
+                    let now = tokio::time::Instant::now();
+                    let wait = lock(&inner.pool_health)
+                        .next_due()
+                        .filter(|due| *due > now)
+                        .map_or(POLL, |due| (due - now).min(POLL));
+                    let _ = tokio::time::timeout(wait, n).await;
                 }
             };
             if !progressed {
@@ -959,8 +1030,11 @@ where
     pub async fn refill_once(&self) -> bool {
         let targets: Vec<(TemplateSnapshot, usize)> =
             lock(&self.inner.pool_targets).values().cloned().collect();
+        lock(&self.inner.pool_health)
+            .retain(|key| targets.iter().any(|(t, _)| t.pool_key() == key));
         for (template, depth) in targets {
             let key = template.pool_key();
+            let due = lock(&self.inner.pool_health).is_due(&key, tokio::time::Instant::now());
             {
                 let mut st = lock(&self.inner.state);
                 // Drop dead entries first.
@@ -979,7 +1053,7 @@ where
                 // A refill is a restore: on a small host it competes for CPU with the creates
                 // in flight (a checked-out entry's /init took 45-100 ms instead of ~10 ms while
                 // its replacement was being restored), so it waits until they are done.
-                if have >= depth || !st.waiters.is_empty() || !st.starting.is_empty() {
+                if have >= depth || !due || !st.waiters.is_empty() || !st.starting.is_empty() {
                     continue;
                 }
                 if st.ledger.reserve_warm(template.budget).is_err() {
@@ -1005,17 +1079,21 @@ where
             match outcome {
                 Ok(session) => {
                     session.warm_up().await;
-                    let mut st = lock(&self.inner.state);
-                    st.warm.entry(key).or_default().push_back(Warm {
-                        session,
-                        budget: template.budget,
-                    });
+                    lock(&self.inner.state)
+                        .warm
+                        .entry(key)
+                        .or_default()
+                        .push_back(Warm {
+                            session,
+                            budget: template.budget,
+                        });
+                    lock(&self.inner.pool_health).succeeded(&template);
                     return true;
                 }
                 Err(err) => {
-                    tracing::warn!(template = %template.template_id, %err, "warm pool refill failed");
                     let evicted = release_warm(&self.inner);
                     stop_all(evicted);
+                    lock(&self.inner.pool_health).failed(&template, &err);
                 }
             }
         }

@@ -24,6 +24,10 @@ pub struct EnvdInit {
     pub entropy: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// A warm-pool checkout: the agent refuses (and the entry is discarded) if any process
+    /// runs that its template did not have.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_template_processes_only: bool,
 }
 
 /// The files a continuation capture wrote, for sealing: `(role, file name in the directory)`,

@@ -434,3 +434,134 @@ async fn warm_pool_hit_skips_the_restore_and_still_configures_the_agent() {
     rt.shutdown().await;
     assert!(qemus_under(&sandboxes).is_empty());
 }
+
+/// Host loopback ports forwarded to envd (guest port 49983) by QEMUs whose run directory is
+/// under `dir`: every sandbox, warm-pool entry and restore in progress there.
+fn envd_forwards_under(dir: &Path) -> Vec<u16> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut ports = Vec::new();
+    for pid in qemus_under(dir) {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if !cmdline.contains(&needle) {
+            continue;
+        }
+        for fwd in cmdline.split("hostfwd=tcp:127.0.0.1:").skip(1) {
+            if let Some((port, rest)) = fwd.split_once("-:")
+                && rest.starts_with("49983")
+            {
+                ports.push(port.parse().unwrap());
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports
+}
+
+/// Run inside a sandbox as `user`: for each port on the host's loopback (the guest's gateway
+/// 10.0.2.2 under user-mode networking), the HTTP status of `/envs`, of an `/init` that tries
+/// to set a token, and of a Connect process start that would leave a mark in /tmp.
+const PROBE: &str = r#"
+import json, struct, sys, urllib.request, urllib.error
+def status(req):
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except Exception as e:
+        return repr(e)
+out = {}
+for port in sys.argv[1:]:
+    base = "http://10.0.2.2:%s" % port
+    start = json.dumps({"process": {"cmd": "/bin/sh",
+                                    "args": ["-c", "echo taken > /tmp/taken-over"]}}).encode()
+    out[port] = [
+        status(urllib.request.Request(base + "/envs")),
+        status(urllib.request.Request(base + "/init", data=b'{"accessToken":"stolen"}',
+                                      headers={"content-type": "application/json"})),
+        status(urllib.request.Request(base + "/process.Process/Start",
+                                      data=struct.pack(">BI", 0, len(start)) + start,
+                                      headers={"content-type": "application/connect+json",
+                                               "connect-protocol-version": "1"})),
+    ]
+print(json.dumps(out))
+"#;
+
+/// A guest that scans its gateway's ports finds no agent it can use: other sandboxes, a
+/// warm-pool entry waiting for the next user and a restore that has not had its `/init` yet all
+/// answer 401 to anything without their own token; the warm entry is still handed out clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_agent_answers_another_guest_without_its_token() {
+    let t = template().clone();
+    let (rt, sandboxes) = runtime("gate");
+    let (a, b) = tokio::join!(
+        rt.start(start("sbxga", SandboxSource::Template(t.clone()), "tok-ga")),
+        rt.start(start("sbxgb", SandboxSource::Template(t.clone()), "tok-gb")),
+    );
+    a.unwrap();
+    b.unwrap();
+    rt.set_warm_pool(t.clone(), 1);
+    assert!(rt.refill_once().await, "warm entry restored");
+    // A restore that has not been told anything yet: restored, its agent answering /health.
+    let snapshot = firkin_vmm::Snapshot::load(t.descriptor.parent().unwrap()).unwrap();
+    let pending = firkin_vmm::Vm::restore(
+        &snapshot,
+        firkin_vmm::RestoreRequest {
+            run_dir: sandboxes.join("pending"),
+            health_timeout: Duration::from_secs(60),
+        },
+    )
+    .await
+    .unwrap();
+
+    let ports = envd_forwards_under(&sandboxes);
+    assert_eq!(
+        ports.len(),
+        4,
+        "two sandboxes, a warm entry, a pending restore"
+    );
+    let script = format!(
+        "cat > /tmp/probe.py <<'PY'\n{PROBE}\nPY\npython3 /tmp/probe.py {}",
+        ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let (code, out) = sh(&rt, "sbxga", "tok-ga", &script).await;
+    assert_eq!(code, 0, "{out}");
+    let seen: BTreeMap<String, Vec<serde_json::Value>> = serde_json::from_str(&out).unwrap();
+    for port in &ports {
+        assert_eq!(
+            seen[&port.to_string()],
+            vec![401, 401, 401],
+            "port {port} answered a guest without its token: {seen:?}"
+        );
+    }
+
+    // Nothing ran in the warm entry: the next create gets it, clean.
+    let w = rt
+        .start(start("sbxgw", SandboxSource::Template(t.clone()), "tok-gw"))
+        .await
+        .unwrap();
+    assert!(w.from_warm_pool);
+    assert_eq!(
+        sh(&rt, "sbxgw", "tok-gw", "test -e /tmp/taken-over; echo $?")
+            .await
+            .1,
+        "1"
+    );
+    assert_eq!(
+        sh(&rt, "sbxgb", "tok-gb", "test -e /tmp/taken-over; echo $?")
+            .await
+            .1,
+        "1"
+    );
+    pending.stop(Duration::from_secs(5)).await.unwrap();
+    rt.set_warm_pool(t, 0);
+    rt.shutdown().await;
+    assert!(qemus_under(&sandboxes).is_empty(), "QEMU left running");
+}

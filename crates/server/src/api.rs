@@ -487,6 +487,7 @@ async fn status(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
         paused,
         warm_sandboxes: cap.warm_sandboxes,
         queued: cap.queued,
+        warm_pool: app.rt.warm_pools().into_iter().map(Into::into).collect(),
     })
     .into_response())
 }

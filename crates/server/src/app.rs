@@ -1391,6 +1391,7 @@ fn envd_init(r: &SandboxRecord) -> EnvdInit {
         default_workdir: None,
         entropy: base64::engine::general_purpose::STANDARD.encode(seed),
         hostname: Some(r.sandbox_id.to_string()),
+        require_template_processes_only: false,
     }
 }
 

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use firkin_artifacts::{SealError, SealedSnapshot, SnapshotArtifactIntegrity};
 use firkin_runtime::{
     CapacityStatus, PausedSandbox, RuntimeError, SandboxExit, SandboxRuntime, SandboxSession,
-    SnapshotSessionLauncher, StartSandbox, StartedSandbox, TemplateSnapshot,
+    SnapshotSessionLauncher, StartSandbox, StartedSandbox, TemplateSnapshot, WarmPoolStatus,
 };
 use firkin_types::SandboxId;
 use tokio::sync::broadcast;
@@ -41,6 +41,7 @@ pub trait Orchestrator: Send + Sync + 'static {
     fn capacity(&self) -> CapacityStatus;
     fn exits(&self) -> broadcast::Receiver<SandboxExit>;
     fn set_warm_pool(&self, template: TemplateSnapshot, depth: usize);
+    fn warm_pools(&self) -> Vec<WarmPoolStatus>;
     /// Starts the warm-pool refill loop (call once).
     fn spawn_warm_pool(&self);
     async fn shutdown(&self);
@@ -100,6 +101,10 @@ where
 
     fn set_warm_pool(&self, template: TemplateSnapshot, depth: usize) {
         SandboxRuntime::set_warm_pool(self, template, depth);
+    }
+
+    fn warm_pools(&self) -> Vec<WarmPoolStatus> {
+        SandboxRuntime::warm_pools(self)
     }
 
     fn spawn_warm_pool(&self) {

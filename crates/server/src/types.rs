@@ -1,6 +1,7 @@
 //! JSON of firkin's own endpoints (`/firkin/v1/...`), shared with the CLI.
 
 use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
 
 /// `POST /firkin/v1/templates`: build (or rebuild, with `force`) a template.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +71,64 @@ pub struct ServerStatus {
     pub paused: usize,
     pub warm_sandboxes: usize,
     pub queued: usize,
+    /// One entry per template with a warm pool, by template ID.
+    #[serde(default)]
+    pub warm_pool: Vec<WarmPoolState>,
+}
+
+/// A template's warm pool in [`ServerStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmPoolState {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    /// Sandboxes the pool is meant to hold.
+    pub target: usize,
+    /// Sandboxes it holds now.
+    pub ready: usize,
+    /// `ok`, or `failing` while its refills fail (then the fields below say why and when the
+    /// next attempt is).
+    pub state: WarmPoolHealth,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// RFC 3339 time of the first failure in a row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_failures: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry_in_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WarmPoolHealth {
+    Ok,
+    Failing,
+}
+
+impl From<firkin_runtime::WarmPoolStatus> for WarmPoolState {
+    fn from(p: firkin_runtime::WarmPoolStatus) -> Self {
+        let failing = p.failing;
+        Self {
+            template_id: p.template_id.to_string(),
+            build_id: p.build_id,
+            target: p.target,
+            ready: p.ready,
+            state: match failing {
+                Some(_) => WarmPoolHealth::Failing,
+                None => WarmPoolHealth::Ok,
+            },
+            failing_since: failing.as_ref().and_then(|f| f.since.format(&Rfc3339).ok()),
+            consecutive_failures: failing.as_ref().map(|f| f.consecutive_failures),
+            next_retry_in_ms: failing
+                .as_ref()
+                .map(|f| u64::try_from(f.next_retry_in.as_millis()).unwrap_or(u64::MAX)),
+            error: failing.map(|f| f.error),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

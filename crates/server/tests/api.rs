@@ -855,6 +855,70 @@ async fn a_full_host_refuses_fast_with_429() {
     );
 }
 
+/// `GET /firkin/v1/status` reports each warm pool: filled when its refills work, failing with
+/// the launcher's error (and backing off) when they do not, while the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_whether_warm_pools_fill_or_fail() {
+    async fn pool_where(s: &TestServer, done: impl Fn(&Value) -> bool) -> Value {
+        let mut status = Value::Null;
+        eventually(
+            "the warm pool's state",
+            Duration::from_secs(30),
+            async || {
+                let r = s.api(Method::GET, "/firkin/v1/status", "").await;
+                assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+                status = r.json();
+                done(&status["warmPool"][0])
+            },
+        )
+        .await;
+        assert_eq!(status["warmPool"].as_array().unwrap().len(), 1, "{status}");
+        assert!(
+            status["capacity"]["cpuCount"].as_u64().unwrap() > 0,
+            "{status}"
+        );
+        status["warmPool"][0].clone()
+    }
+
+    let healthy = TestServer::start(Options {
+        warm: 1,
+        ..Options::default()
+    })
+    .await;
+    let pool = pool_where(&healthy, |p| p["ready"] == 1).await;
+    assert_eq!(pool["templateID"], "base");
+    assert_eq!(pool["target"], 1);
+    assert_eq!(pool["state"], "ok", "{pool}");
+    assert!(pool.get("error").is_none(), "{pool}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-envd");
+    let broken = TestServer::start(Options {
+        warm: 1,
+        envd_bin: Some(missing),
+        ..Options::default()
+    })
+    .await;
+    let pool = pool_where(&broken, |p| p["state"] == "failing").await;
+    assert_eq!(pool["templateID"], "base");
+    assert_eq!((&pool["target"], &pool["ready"]), (&json!(1), &json!(0)));
+    let error = pool["error"].as_str().unwrap();
+    assert!(error.contains("no-such-envd"), "{pool}");
+    assert!(pool["consecutiveFailures"].as_u64().unwrap() >= 1, "{pool}");
+    assert!(pool["nextRetryInMs"].as_u64().unwrap() <= 300_000, "{pool}");
+    let since = pool["failingSince"].as_str().unwrap();
+    time::OffsetDateTime::parse(since, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("failingSince {since:?}: {e}"));
+    // A backing-off pool does not get in the way of an explicit create's own error.
+    let r = broken.api(Method::POST, "/v2/sandboxes", MIN).await;
+    assert!(r.status.is_server_error(), "{}", r.text());
+    let status = broken
+        .api(Method::GET, "/firkin/v1/status", "")
+        .await
+        .json();
+    assert_eq!(status["running"], 0, "{status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_that_dies_disappears() {
     a_vm_that_dies_disappears_on(Backend::Process).await;

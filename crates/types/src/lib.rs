@@ -4,9 +4,11 @@
 //! one of these types is known good wherever it travels.
 
 mod host;
+mod host_tools;
 mod id;
 mod size;
 
 pub use host::{HostParseError, PortSandboxHost};
+pub use host_tools::{HOST_TOOLS, HostTool, ToolUse, host_tools_for};
 pub use id::{IdError, SandboxId, TemplateId};
 pub use size::Size;

@@ -66,7 +66,19 @@ pub struct MachineConfig {
     /// The guest NIC's MAC address. A restored clone keeps the snapshot's MAC (it is device
     /// state); each clone has its own user-mode network, so equal MACs never meet.
     pub mac: String,
+    /// Every QEMU of this machine gives its guest a fresh secret through fw_cfg
+    /// ([`GUEST_SECRET_FW_CFG`]). fw_cfg contents are not migrated: a restored guest reads the
+    /// restoring QEMU's secret, so it is a channel from the host to exactly one VM that no
+    /// other guest can read or race. The guest must have booted with it (its fw_cfg directory
+    /// is read at boot), so a snapshot records whether it had one.
+    #[serde(default)]
+    pub guest_secret: bool,
 }
+
+/// The fw_cfg file name of the per-VM secret.
+pub const GUEST_SECRET_FW_CFG: &str = "opt/firkin/secret";
+/// Its length, always the same: a guest sees the size its boot-time fw_cfg directory recorded.
+pub const GUEST_SECRET_LEN: usize = 64;
 
 impl MachineConfig {
     /// Sensible defaults for a given accelerator and guest assets.
@@ -89,6 +101,7 @@ impl MachineConfig {
             kernel_cmdline: default_kernel_cmdline(),
             rng: true,
             mac: "52:54:00:12:34:56".into(),
+            guest_secret: true,
         }
     }
 }
@@ -143,6 +156,8 @@ pub struct Launch {
     pub incoming: bool,
     /// Start paused (`-S`).
     pub paused: bool,
+    /// The file QEMU gives the guest as its secret, when the machine has one.
+    pub secret_file: Option<PathBuf>,
 }
 
 fn utf8(path: &Path) -> Result<&str> {
@@ -235,6 +250,14 @@ pub fn qemu_args(m: &MachineConfig, l: &Launch) -> Result<Vec<OsString>> {
         push(&["-device", "virtio-rng-device,rng=rng0"]);
     }
 
+    if m.guest_secret {
+        let file = l.secret_file.as_deref().ok_or(VmmError::NoGuestSecret)?;
+        push(&[
+            "-fw_cfg",
+            &format!("name={GUEST_SECRET_FW_CFG},file={}", opt_path(file)?),
+        ]);
+    }
+
     push(&[
         "-chardev",
         &format!("file,id=serial0,path={}", opt_path(&l.console_log)?),
@@ -296,6 +319,7 @@ mod tests {
             console_log: "/run/vm1/console.log".into(),
             incoming: true,
             paused: false,
+            secret_file: Some("/run/vm1/secret".into()),
         }
     }
 

@@ -67,6 +67,8 @@ pub enum VmmError {
     Timeout { what: String, ms: u128 },
     #[error("path {0} is not UTF-8 (QEMU option strings need text)")]
     NonUtf8Path(PathBuf),
+    #[error("the machine gives its guest a secret, but the launch names no secret file")]
+    NoGuestSecret,
     #[error("reading memory usage of pid {pid}: {why}")]
     Memory { pid: u32, why: String },
 }

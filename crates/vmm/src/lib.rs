@@ -16,7 +16,10 @@ pub mod tsc;
 mod vm;
 
 pub use accel::{Accel, AccelDecision};
-pub use cmdline::{CODE_PORT, DiskFormat, DiskLayer, ENVD_PORT, Launch, MachineConfig};
+pub use cmdline::{
+    CODE_PORT, DiskFormat, DiskLayer, ENVD_PORT, GUEST_SECRET_FW_CFG, GUEST_SECRET_LEN, Launch,
+    MachineConfig,
+};
 pub use error::{Result, VmmError};
 pub use health::probe as health_probe;
 pub use process::ExitInfo;

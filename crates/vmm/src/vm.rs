@@ -26,7 +26,8 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
 use crate::cmdline::{
-    self, CODE_PORT, DiskFormat, DiskLayer, ENVD_PORT, Launch, MachineConfig, QMP_FD, STATE_FD,
+    self, CODE_PORT, DiskFormat, DiskLayer, ENVD_PORT, GUEST_SECRET_LEN, Launch, MachineConfig,
+    QMP_FD, STATE_FD,
 };
 use crate::error::{Result, VmmError};
 use crate::process::{self, ChildHandle, ExitInfo};
@@ -43,6 +44,7 @@ pub const CONTINUATION_DISK_FILE: &str = "disk.qcow2";
 pub const CONSOLE_LOG: &str = "console.log";
 pub const QEMU_LOG: &str = "qemu.log";
 pub const OVERLAY_FILE: &str = "overlay.qcow2";
+pub const SECRET_FILE: &str = "secret";
 
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -209,6 +211,8 @@ pub struct Vm {
     envd: SocketAddr,
     code: SocketAddr,
     timings: RestoreTimings,
+    /// The secret this QEMU gives its guest (see [`MachineConfig::guest_secret`]).
+    secret: Option<String>,
     /// Cleared once the run directory has been removed or handed over.
     owns_run_dir: bool,
 }
@@ -238,6 +242,32 @@ fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes).map_err(VmmError::io("writing", &tmp))?;
     f.sync_all().map_err(VmmError::io("syncing", &tmp))?;
     std::fs::rename(&tmp, path).map_err(VmmError::io("renaming", &tmp))
+}
+
+/// A fresh secret for one QEMU, written (mode 0600) to `run_dir/secret` for its `-fw_cfg`.
+/// `None` when the machine gives its guest none.
+fn guest_secret(machine: &MachineConfig, run_dir: &Path) -> Result<Option<(String, PathBuf)>> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    if !machine.guest_secret {
+        return Ok(None);
+    }
+    let mut raw = [0u8; GUEST_SECRET_LEN / 2];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .map_err(VmmError::io("reading", "/dev/urandom"))?;
+    let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let path = run_dir.join(SECRET_FILE);
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(VmmError::io("creating", &path))?;
+    f.write_all(secret.as_bytes())
+        .map_err(VmmError::io("writing", &path))?;
+    Ok(Some((secret, path)))
 }
 
 /// Last `max_lines` lines of a log file, for error messages.
@@ -411,6 +441,7 @@ impl Vm {
     pub async fn cold_boot(req: BootRequest) -> Result<Vm> {
         let start = Instant::now();
         std::fs::create_dir_all(&req.run_dir).map_err(VmmError::io("creating", &req.run_dir))?;
+        let (secret, secret_file) = guest_secret(&req.machine, &req.run_dir)?.unzip();
         let launch_for = |envd: u16, code: u16| Launch {
             ram_path: req.ram_path.clone(),
             ram_shared: true,
@@ -422,6 +453,7 @@ impl Vm {
             console_log: req.run_dir.join(CONSOLE_LOG),
             incoming: false,
             paused: false,
+            secret_file: secret_file.clone(),
         };
         let (launch, child, qmp, envd, code) =
             Self::spawn_with_ports(&req.machine, &req.run_dir, launch_for, || Ok(None)).await?;
@@ -434,6 +466,7 @@ impl Vm {
             envd,
             code,
             timings: RestoreTimings::default(),
+            secret,
             owns_run_dir: true,
         };
         vm.wait_healthy(req.health_timeout, "booting").await?;
@@ -528,6 +561,7 @@ impl Vm {
         disk.extend(chain);
         let ram_path = snapshot.ram_path();
         let state_path = snapshot.state_path();
+        let (secret, secret_file) = guest_secret(&snapshot.machine, &req.run_dir)?.unzip();
         let launch_for = |envd: u16, code: u16| Launch {
             ram_path: ram_path.clone(),
             ram_shared: false,
@@ -536,6 +570,7 @@ impl Vm {
             console_log: req.run_dir.join(CONSOLE_LOG),
             incoming: true,
             paused: false,
+            secret_file: secret_file.clone(),
         };
         let open_state = || {
             std::fs::File::open(&state_path)
@@ -555,6 +590,7 @@ impl Vm {
             envd,
             code,
             timings: RestoreTimings::default(),
+            secret,
             owns_run_dir: true,
         };
         let t = Instant::now();
@@ -722,6 +758,9 @@ impl Vm {
         helper_disk.extend(lower.iter().cloned());
         let ram = out_dir.join(RAM_FILE);
         let _ = std::fs::remove_file(&ram);
+        // The helper runs no guest code (it is migrated into, paused, and saved), but its
+        // devices must match, fw_cfg file included.
+        let (_, helper_secret) = guest_secret(&self.machine, &helper_dir)?.unzip();
         let helper_launch = Launch {
             ram_path: ram.clone(),
             ram_shared: true,
@@ -730,6 +769,7 @@ impl Vm {
             console_log: helper_dir.join(CONSOLE_LOG),
             incoming: true,
             paused: true,
+            secret_file: helper_secret,
         };
         let (helper_child, helper_qmp) =
             launch_qemu(&self.machine, &helper_launch, &helper_dir, None).await?;
@@ -742,6 +782,7 @@ impl Vm {
             envd: self.envd,
             code: self.code,
             timings: RestoreTimings::default(),
+            secret: None,
             owns_run_dir: false,
         };
 
@@ -876,6 +917,12 @@ impl Vm {
     /// `Some` if QEMU has exited.
     pub fn exit_info(&self) -> Option<ExitInfo> {
         self.child.exit_info()
+    }
+
+    /// The secret this VM's guest was given, if its machine gives one: the guest's agent
+    /// accepts it as its access token until it is told another.
+    pub fn guest_secret(&self) -> Option<&str> {
+        self.secret.as_deref()
     }
 
     pub fn pid(&self) -> u32 {

@@ -35,6 +35,12 @@ struct InitRequest {
     hostname: Option<String>,
     /// firkin: MAC address for the guest's Ethernet interface (guest mode only).
     mac_address: Option<String>,
+    /// firkin: the processes running now are the template's own (a template build sends this
+    /// just before its snapshot).
+    mark_template_processes: Option<bool>,
+    /// firkin: refuse with 409, changing nothing, if any process runs that is not the
+    /// template's (a warm-pool checkout sends this: an entry that ran anything is discarded).
+    require_template_processes_only: Option<bool>,
 }
 
 /// Configures the agent. The token gate in front of it has already checked that a request
@@ -85,6 +91,16 @@ pub(super) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Result<R
         })
         .transpose()?;
 
+    if req.require_template_processes_only == Some(true) {
+        require_template_processes_only(&envd)?;
+    }
+    if req.mark_template_processes == Some(true) && envd.mode == Mode::Guest {
+        let pids = crate::baseline::all_pids(std::path::Path::new("/proc"))
+            .map_err(|e| ApiError::internal(format!("listing /proc: {e}")))?;
+        tracing::info!(processes = pids.len(), "template processes marked");
+        envd.mark_template_processes(pids);
+    }
+
     if let Some(ts) = timestamp {
         apply_timestamp(&envd, ts);
     }
@@ -133,6 +149,35 @@ pub(super) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Result<R
         ],
     )
         .into_response())
+}
+
+/// 409 if a process runs that the template did not have: one envd started and that is still
+/// running, or (in a sandbox) any user-space process outside the template's marked set.
+fn require_template_processes_only(envd: &Envd) -> Result<(), ApiError> {
+    let conflict = |what: String| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            format!("processes started before this /init are running: {what}"),
+        )
+    };
+    let running = envd.processes.running();
+    if !running.is_empty() {
+        return Err(conflict(format!("{} started through envd", running.len())));
+    }
+    if envd.mode == Mode::Guest {
+        let me = i32::try_from(std::process::id()).unwrap_or(1);
+        let found = crate::baseline::newcomers(
+            std::path::Path::new("/proc"),
+            &envd.template_processes(),
+            me,
+        )
+        .map_err(|e| ApiError::internal(format!("listing /proc: {e}")))?;
+        if !found.is_empty() {
+            let names: Vec<String> = found.iter().map(ToString::to_string).collect();
+            return Err(conflict(names.join(", ")));
+        }
+    }
+    Ok(())
 }
 
 /// Moves the clock forward to `ts` unless a newer timestamp was already applied: `/init` is

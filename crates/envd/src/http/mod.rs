@@ -10,7 +10,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::state::Envd;
+use crate::state::{Envd, Gate};
 
 mod control;
 pub mod files;
@@ -129,16 +129,22 @@ fn header_token_matches(headers: &HeaderMap, token: &str) -> bool {
         .is_some_and(|v| constant_time_eq(v.as_bytes(), token.as_bytes()))
 }
 
-/// Once `/init` has set a token, every request but `/health` must carry it in
-/// `X-Access-Token`; `/files` may instead carry a valid signature (checked by its handler,
-/// which knows the operation).
+/// Every request but `/health` must carry the token `/init` set in `X-Access-Token`, or, before
+/// any `/init` set one, the host's secret for this VM; `/files` may instead carry a valid
+/// signature (checked by its handler, which knows the operation). An agent never answers
+/// tokenless in a sandbox: another guest that finds its port finds nothing to use.
 async fn require_token(State(envd): State<Arc<Envd>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if path == "/health" {
         return next.run(req).await;
     }
-    let Some(token) = envd.access_token() else {
-        return next.run(req).await;
+    let token = match envd.gate() {
+        Gate::Open => return next.run(req).await,
+        Gate::Token(token) => token,
+        Gate::Closed(why) => {
+            tracing::warn!(%why, "refusing a request: no token can be checked");
+            return ApiError::unauthorized("missing or invalid access token").into_response();
+        }
     };
     if header_token_matches(req.headers(), &token) {
         return next.run(req).await;

@@ -83,6 +83,8 @@ fn stage(envd: &Path) -> tempfile::TempDir {
         "root:x:0:\ntty:x:5:\nuser:x:1000:\n",
     )
     .unwrap();
+    // Stands in for the VM secret QEMU's fw_cfg gives a sandbox.
+    std::fs::write(root.join("secret"), format!("{SECRET}\n")).unwrap();
     std::fs::create_dir_all(root.join("root")).unwrap();
     std::fs::create_dir_all(root.join("home/user")).unwrap();
     std::os::unix::fs::chown(root.join("home/user"), Some(1000), Some(1000)).unwrap();
@@ -110,6 +112,88 @@ fn which(bin: &str) -> PathBuf {
     panic!("{bin} not found");
 }
 
+const SECRET: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+fn text(out: firkin_envd::client::RunOutput) -> String {
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn status_of(r: Result<impl std::fmt::Debug, firkin_envd::client::ClientError>) -> u16 {
+    match r {
+        Err(firkin_envd::client::ClientError::Status { status, .. }) => status.as_u16(),
+        other => panic!("expected an HTTP error status, got {other:?}"),
+    }
+}
+
+/// Without the right token: `/envs`, `/init` and a process start get 401; `/health` answers.
+async fn assert_gated(client: &Client) {
+    let wrong = client.clone().with_token("not-the-token");
+    for c in [client, &wrong] {
+        c.health().await.unwrap();
+        let (status, _, _) = c
+            .fetch(
+                http::Method::GET,
+                "/envs",
+                &[],
+                firkin_envd::client::full(bytes::Bytes::new()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status.as_u16(), 401);
+        assert_eq!(
+            status_of(c.init(&json!({"accessToken": "mine"})).await),
+            401
+        );
+        assert!(
+            c.run("true").await.is_err(),
+            "a process started without the token"
+        );
+    }
+}
+
+/// A template build marks its processes; a checkout is refused while anything else runs,
+/// including a daemon that left envd's process table.
+async fn check_template_processes(host: &Client) {
+    host.init(&json!({"markTemplateProcesses": true}))
+        .await
+        .unwrap();
+    host.init(&json!({"requireTemplateProcessesOnly": true}))
+        .await
+        .unwrap();
+    // A subshell that backgrounds `sleep` and exits: the sleep is reparented to PID 1.
+    host.run("(sleep 300 </dev/null >/dev/null 2>&1 &)")
+        .await
+        .unwrap();
+    let refused = host
+        .init(&json!({"requireTemplateProcessesOnly": true, "accessToken": "x"}))
+        .await;
+    match refused {
+        Err(firkin_envd::client::ClientError::Status { status, body }) => {
+            assert_eq!(status.as_u16(), 409, "{body}");
+            assert!(body.contains("sleep"), "{body}");
+        }
+        other => panic!("checkout with a daemon running was accepted: {other:?}"),
+    }
+    // A refused /init changed nothing: the secret still opens it, not the token it carried.
+    host.run(
+        "for p in /proc/[0-9]*; do \
+         [ \"$(cat $p/comm 2>/dev/null)\" = sleep ] && kill ${p#/proc/}; done; true",
+    )
+    .await
+    .unwrap();
+    for _ in 0..100 {
+        if host
+            .init(&json!({"requireTemplateProcessesOnly": true}))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("still refused after the daemon was killed");
+}
+
 #[tokio::test]
 async fn guest_mode_as_pid1_in_namespaces() {
     if !is_root() {
@@ -126,7 +210,8 @@ async fn guest_mode_as_pid1_in_namespaces() {
     std::fs::create_dir_all(&root).unwrap();
     let script = format!(
         "set -e; mount -t tmpfs -o size=256m,mode=0755 tmpfs '{root}'; cp -a '{stage}/.' '{root}/'; \
-         exec chroot '{root}' /firkin-envd --guest --listen 127.0.0.1:0 --log info",
+         exec chroot '{root}' /firkin-envd --guest --listen 127.0.0.1:0 \
+         --host-secret-file /secret --log info",
         root = root.display(),
         stage = stage.path().join("stage").display(),
     );
@@ -161,10 +246,18 @@ async fn guest_mode_as_pid1_in_namespaces() {
         .to_owned();
     let anon = Client::new(&url).unwrap();
     anon.wait_healthy(Duration::from_secs(10)).await.unwrap();
-    anon.init(&json!({"accessToken": TOKEN})).await.unwrap();
+    assert_gated(&anon).await;
+    // The host's secret opens it until /init sets the sandbox's token.
+    let host = anon.clone().with_token(SECRET);
+    assert_eq!(
+        text(host.run("echo via secret").await.unwrap()),
+        "via secret\n"
+    );
+    check_template_processes(&host).await;
+    host.init(&json!({"accessToken": TOKEN})).await.unwrap();
+    assert_gated(&host).await;
     let c = anon.clone().with_token(TOKEN);
 
-    let text = |out: firkin_envd::client::RunOutput| String::from_utf8(out.stdout).unwrap();
     assert_eq!(
         text(c.run("id -un; pwd").await.unwrap()),
         "user\n/home/user\n",

@@ -2,10 +2,12 @@
 //! and handy when debugging a template; the `firkin` CLI wraps the same library calls).
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use firkin_guest::{ImageOptions, InitramfsSpec, KernelAssets, Progress, RootfsSource};
+use firkin_types::{HOST_TOOLS, ToolUse};
 
 #[derive(Parser)]
 #[command(about = "Fetch the guest kernel and build initramfs and root filesystem images")]
@@ -50,6 +52,86 @@ enum Cmd {
         #[arg(long, default_value_t = 1024)]
         headroom_mib: u64,
     },
+    /// The host programs firkin runs (one list, shared with `firkin doctor` and `firkin serve`).
+    #[command(subcommand)]
+    HostTools(HostToolsCmd),
+}
+
+#[derive(Subcommand)]
+enum HostToolsCmd {
+    /// Print the Debian packages that provide the tools, one per line (for apt-get).
+    Packages {
+        /// Which uses to include.
+        #[arg(long = "for", value_enum, value_delimiter = ',', default_values_t = ALL_USES)]
+        uses: Vec<Use>,
+    },
+    /// Run every tool with its version arguments; exit 1 naming each one missing or broken.
+    Check {
+        /// Which uses to include.
+        #[arg(long = "for", value_enum, value_delimiter = ',', default_values_t = ALL_USES)]
+        uses: Vec<Use>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Use {
+    Sandboxes,
+    Templates,
+    Tests,
+}
+
+const ALL_USES: [Use; 3] = [Use::Sandboxes, Use::Templates, Use::Tests];
+
+impl From<Use> for ToolUse {
+    fn from(u: Use) -> Self {
+        match u {
+            Use::Sandboxes => ToolUse::Sandboxes,
+            Use::Templates => ToolUse::Templates,
+            Use::Tests => ToolUse::Tests,
+        }
+    }
+}
+
+impl std::fmt::Display for Use {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(ToolUse::from(*self).as_str())
+    }
+}
+
+fn host_tools(cmd: HostToolsCmd) -> Result<ExitCode> {
+    match cmd {
+        HostToolsCmd::Packages { uses } => {
+            let uses: Vec<ToolUse> = uses.into_iter().map(ToolUse::from).collect();
+            let mut packages: Vec<&str> = HOST_TOOLS
+                .iter()
+                .filter(|t| uses.contains(&t.needed_for))
+                .map(|t| t.package)
+                .collect();
+            packages.dedup();
+            for p in packages {
+                println!("{p}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        HostToolsCmd::Check { uses } => {
+            let uses: Vec<ToolUse> = uses.into_iter().map(ToolUse::from).collect();
+            let mut failed = false;
+            for (tool, result) in firkin_guest::host_tools::check_all(&uses) {
+                match result {
+                    Ok(version) => println!("ok    {:<20} {version}", tool.binary),
+                    Err(err) => {
+                        failed = true;
+                        println!("FAIL  {:<20} {err}", tool.binary);
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
 }
 
 fn print_progress(p: &Progress) {
@@ -59,12 +141,15 @@ fn print_progress(p: &Progress) {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
+        // Escape codes only for a person at a terminal, not in a serial console or a pipe.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().cmd {
+        Cmd::HostTools(cmd) => return host_tools(cmd),
         Cmd::Kernel { dir } => {
             let k = firkin_guest::fetch_kernel(&dir, &mut print_progress)?;
             println!("{}", k.vmlinuz.display());
@@ -115,5 +200,5 @@ fn main() -> Result<()> {
             println!("{} ({} MiB)", info.image.display(), info.image_bytes >> 20);
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -31,6 +31,12 @@ pub enum QemuError {
     Init { addr: SocketAddr, reason: String },
     #[error("the sandbox VM is already stopped")]
     Stopped,
+    #[error(
+        "template snapshot {artifact} was booted without a per-VM secret (firkin before access \
+         tokens on every restore): its clones would answer anyone until their first /init; \
+         rebuild the template"
+    )]
+    NoGuestSecret { artifact: PathBuf },
 }
 
 impl From<VmmError> for QemuError {
@@ -120,6 +126,12 @@ impl SnapshotSessionLauncher for QemuLauncher {
             artifact: request.manifest().path().to_path_buf(),
         })?;
         let snap = Snapshot::load(sealed.dir())?;
+        let kind = request.manifest().kind();
+        if kind == SnapshotArtifactKind::BaseTemplate && !snap.machine.guest_secret {
+            return Err(QemuError::NoGuestSecret {
+                artifact: sealed.dir().to_path_buf(),
+            });
+        }
         self.verify_lower_layers(&snap)?;
         let vm = Vm::restore(
             &snap,
@@ -132,10 +144,10 @@ impl SnapshotSessionLauncher for QemuLauncher {
         tracing::debug!(pid = vm.pid(), timings = ?vm.timings(), "restored");
         let session = QemuSession::new(vm, self.stop_timeout);
         // A clone of a template takes its own MAC address at its first /init; a resumed
-        // sandbox keeps the one it had.
-        Ok(match request.manifest().kind() {
+        // sandbox keeps the one it had, and its agent still holds the sandbox's token.
+        Ok(match kind {
             SnapshotArtifactKind::BaseTemplate => session.with_mac(random_mac()),
-            SnapshotArtifactKind::Continuation => session,
+            SnapshotArtifactKind::Continuation => session.with_token_from_init(),
         })
     }
 }
@@ -151,6 +163,14 @@ pub struct QemuSession {
     stop_timeout: Duration,
     /// The MAC address every `/init` gives the guest, if it should change from the snapshot's.
     mac: Option<String>,
+    /// What the agent accepts as its token now: the VM's secret (which QEMU gave this guest
+    /// alone) until an `/init` sets the sandbox's token. `None`: the token the next `/init`
+    /// carries (a resumed sandbox's agent already holds it).
+    auth: std::sync::Mutex<Option<String>>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A random locally administered unicast MAC address.
@@ -166,6 +186,7 @@ fn random_mac() -> String {
 
 impl QemuSession {
     pub fn new(vm: Vm, stop_timeout: Duration) -> Self {
+        let vm_secret = vm.guest_secret().map(str::to_owned);
         Self {
             envd: vm.envd_addr(),
             code: vm.code_addr(),
@@ -174,7 +195,18 @@ impl QemuSession {
             vm: Mutex::new(Some(vm)),
             stop_timeout,
             mac: None,
+            auth: std::sync::Mutex::new(vm_secret),
         }
+    }
+
+    /// The agent already holds the token that the first `/init` will carry (a resumed sandbox).
+    pub fn with_token_from_init(self) -> Self {
+        *lock(&self.auth) = None;
+        self
+    }
+
+    fn auth(&self) -> Option<String> {
+        lock(&self.auth).clone()
     }
 
     /// Gives the guest `mac` at every `/init` (the first changes it, later ones are no-ops).
@@ -225,9 +257,8 @@ impl SandboxSession for QemuSession {
         };
         let mut client =
             EnvdClient::new(&format!("http://{}", self.envd)).map_err(|e| err(e.to_string()))?;
-        // A resumed sandbox's agent already holds this token, and `/init` must then carry it.
-        if let Some(token) = &init.access_token {
-            client = client.with_token(token.clone());
+        if let Some(token) = self.auth().or_else(|| init.access_token.clone()) {
+            client = client.with_token(token);
         }
         let mut body = serde_json::to_value(init).map_err(|e| err(e.to_string()))?;
         if let (Some(mac), Some(obj)) = (&self.mac, body.as_object_mut()) {
@@ -236,20 +267,27 @@ impl SandboxSession for QemuSession {
         tokio::time::timeout(Duration::from_secs(20), client.init(&body))
             .await
             .map_err(|_| err("no answer within 20 s".into()))?
-            .map_err(|e| err(e.to_string()))
+            .map_err(|e| err(e.to_string()))?;
+        if let Some(token) = init.access_token.as_ref().filter(|t| !t.is_empty()) {
+            *lock(&self.auth) = Some(token.clone());
+        }
+        Ok(())
     }
 
     async fn warm_up(&self) {
-        let Ok(client) = EnvdClient::new(&format!("http://{}", self.envd)) else {
+        let Ok(mut client) = EnvdClient::new(&format!("http://{}", self.envd)) else {
             return;
         };
+        if let Some(token) = self.auth() {
+            client = client.with_token(token);
+        }
         // An /init that takes the same paths as the real one at checkout, so that TCG has
         // translated them before a create waits on them (measured: a checkout's /init took
         // 50-75 ms after a warm-up without entropy and rename, ~10 ms when warm): the current
         // time, a kernel RNG reseed (more entropy never hurts; checkout adds fresh seed again),
         // a rename, which rewrites /etc/hosts as the checkout's rename will, and the clone's
         // own MAC address (the checkout sends the same one again, a no-op). No token is
-        // set here. A login shell running `true` translates envd's spawn path, bash and the
+        // set here: until its checkout the entry answers only to its VM's secret. A login shell running `true` translates envd's spawn path, bash and the
         // profile scripts a first command uses.
         let started = std::time::Instant::now();
         let now = time::OffsetDateTime::now_utc()

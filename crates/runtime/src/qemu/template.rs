@@ -59,6 +59,8 @@ pub enum TemplateBuildError {
         command: String,
         reason: String,
     },
+    #[error("marking the template's processes failed: {0}")]
+    Mark(String),
     #[error("sealing the template snapshot failed: {0}")]
     Seal(String),
     #[error("template build i/o on {path}: {source}")]
@@ -182,13 +184,17 @@ async fn build_inner(
     )));
 
     // 4. Prepare commands, as root, through envd.
-    let client = EnvdClient::new(&format!("http://{}", vm.envd_addr())).map_err(|e| {
+    let mut client = EnvdClient::new(&format!("http://{}", vm.envd_addr())).map_err(|e| {
         TemplateBuildError::Prepare {
             index: 0,
             command: String::new(),
             reason: e.to_string(),
         }
     })?;
+    // The template's agent answers only to this VM's secret, so only this builder can drive it.
+    if let Some(secret) = vm.guest_secret() {
+        client = client.with_token(secret.to_owned());
+    }
     let total = build.commands.len().max(1) as f32;
     for (index, command) in build.commands.iter().enumerate() {
         phase(
@@ -227,6 +233,12 @@ async fn build_inner(
     // Whatever the guest still caches is in the RAM image and stays consistent with the disk,
     // but a synced page cache makes clones start with less dirty state to write back.
     let _ = client.exec("/bin/sync", &[], Some("root")).await;
+    // What runs now is the template's own; a warm clone running anything else at its checkout
+    // is discarded.
+    client
+        .init(&serde_json::json!({ "markTemplateProcesses": true }))
+        .await
+        .map_err(|e| TemplateBuildError::Mark(e.to_string()))?;
 
     // 5. Snapshot into the build directory.
     phase(events, "snapshot", 0.88);

@@ -97,6 +97,8 @@ pub struct Options {
     pub warm: usize,
     pub body_limit: usize,
     pub build_base: bool,
+    /// For the process backend: the agent binary, instead of [`envd_bin`].
+    pub envd_bin: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -110,6 +112,7 @@ impl Default for Options {
             warm: 0,
             body_limit: 1024 * 1024,
             build_base: true,
+            envd_bin: None,
         }
     }
 }
@@ -176,7 +179,8 @@ pub fn open_server(state: &Path, cache: &Path, opts: &Options) -> Server {
     config.tick = Duration::from_millis(100);
     match opts.backend {
         Backend::Process => {
-            let launcher = ProcessLauncher::new(envd_bin(), paths.sandboxes_dir());
+            let envd = opts.envd_bin.clone().unwrap_or_else(envd_bin);
+            let launcher = ProcessLauncher::new(envd, paths.sandboxes_dir());
             let runtime = SandboxRuntime::new(
                 launcher,
                 rc,
