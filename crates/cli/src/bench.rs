@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use firkin_bench::suite::{self, CreateRun};
 use firkin_bench::{Api, BenchResults, EnvdTarget, MachineInfo, Summary};
 use firkin_runtime::FirkinPaths;
+use firkin_runtime::qemu::{GUEST_PORTS, envd_ready};
 use firkin_vmm::{BootRequest, RestoreRequest, Snapshot, Vm};
 
 /// Measure create latency, time to interactive, command round trip, file throughput and
@@ -157,7 +158,8 @@ async fn bare_restores(dir: &Path, n: usize, scratch: &Path) -> Result<Vec<f64>>
             &snap,
             RestoreRequest {
                 run_dir: scratch.join(format!("bare-{i}")),
-                health_timeout: Duration::from_secs(60),
+                guest_ports: GUEST_PORTS.to_vec(),
+                ready: Some(envd_ready(Duration::from_secs(60))),
             },
         )
         .await?;
@@ -192,7 +194,8 @@ async fn cold_boots(dir: &Path, n: usize, scratch: &Path) -> Result<Vec<f64>> {
             run_dir: run.join("run"),
             ram_path: run.join("ram.img"),
             disk,
-            health_timeout: Duration::from_secs(300),
+            guest_ports: GUEST_PORTS.to_vec(),
+            ready: Some(envd_ready(Duration::from_secs(300))),
         })
         .await?;
         out.push(started.elapsed().as_secs_f64() * 1e3);

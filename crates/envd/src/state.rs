@@ -55,12 +55,16 @@ pub struct Envd {
     /// in a template snapshot: a thread created after a restore costs tens of ms under TCG.
     setup_worker: Option<std::sync::mpsc::Sender<SetupJob>>,
     /// A file holding the secret the host gave this VM (QEMU's fw_cfg in a sandbox). Until
-    /// `/init` sets an access token, every request must carry this secret instead. It is read
-    /// on each such request, never cached: a restored clone sees its own VM's secret, not the
-    /// one its template was booted with.
+    /// `/init` sets an access token, every request must carry this secret instead.
     host_secret: Option<PathBuf>,
+    /// The secret as first read. A read of fw_cfg costs ~5 ms of guest time under TCG, too much
+    /// for every request of a warm-pool checkout. A template build empties this just before
+    /// its snapshot (`forget_host_secret`), so every clone reads its own VM's secret, once.
+    host_secret_cache: RwLock<Option<String>>,
     /// The pids a template build marked as its own (see [`crate::baseline`]); in the snapshot.
     template_processes: RwLock<Option<BTreeSet<i32>>>,
+    /// Pids already found to be kernel threads by that check, so it reads each only once.
+    pub kernel_threads: std::sync::Mutex<BTreeSet<i32>>,
 }
 
 /// What a request must carry to be served.
@@ -115,7 +119,9 @@ impl Envd {
             machine_setup: Arc::default(),
             setup_worker: start_setup_worker(),
             host_secret: None,
+            host_secret_cache: RwLock::new(None),
             template_processes: RwLock::new(None),
+            kernel_threads: std::sync::Mutex::default(),
         }
     }
 
@@ -133,12 +139,16 @@ impl Envd {
         let Some(path) = &self.host_secret else {
             return Gate::Open;
         };
+        if let Some(secret) = read_lock(&self.host_secret_cache).clone() {
+            return Gate::Token(secret);
+        }
         match std::fs::read(path) {
             Ok(bytes) => {
                 let secret = String::from_utf8_lossy(&bytes).trim().to_owned();
                 if secret.is_empty() {
                     Gate::Closed(format!("the host secret in {} is empty", path.display()))
                 } else {
+                    *write_lock(&self.host_secret_cache) = Some(secret.clone());
                     Gate::Token(secret)
                 }
             }
@@ -146,6 +156,17 @@ impl Envd {
                 "cannot read the host secret {}: {e}",
                 path.display()
             )),
+        }
+    }
+
+    /// Forgets the cached host secret, overwriting it: called just before a template's
+    /// snapshot, so that no clone starts with the builder's VM secret in memory as a token.
+    pub fn forget_host_secret(&self) {
+        if let Some(secret) = write_lock(&self.host_secret_cache).take() {
+            let mut bytes = secret.into_bytes();
+            bytes.fill(0);
+            // Keep the zeroing from being optimised away as a dead store.
+            std::hint::black_box(&bytes);
         }
     }
 
@@ -236,6 +257,14 @@ impl Envd {
         };
         normalize(&joined)
     }
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Lexical normalization (`.` and `..` folded), without touching the filesystem so that paths

@@ -1,5 +1,6 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use firkin_admission::CapacityError;
 use firkin_types::Size;
@@ -84,6 +85,52 @@ pub fn check_disk_floor<P: DiskPressureProbe + ?Sized>(
             path: dir.to_path_buf(),
             reason: err.to_string(),
         }),
+    }
+}
+
+/// The disk probe a [`crate::SandboxRuntime`] shares between its concurrent restores: the
+/// host's `statvfs` unless another is injected (tests inject failing or small ones, and see the
+/// production gates refuse).
+#[derive(Clone)]
+pub struct SharedDiskProbe(Arc<Mutex<dyn ErasedProbe + Send>>);
+
+/// [`DiskPressureProbe`] with its error as text, so probes of any error type can be shared.
+trait ErasedProbe {
+    fn probe(&mut self, path: &Path) -> Result<Size, String>;
+}
+
+impl<P: DiskPressureProbe> ErasedProbe for P {
+    fn probe(&mut self, path: &Path) -> Result<Size, String> {
+        self.available_disk(path).map_err(|e| e.to_string())
+    }
+}
+
+impl SharedDiskProbe {
+    pub fn new(probe: impl DiskPressureProbe + Send + 'static) -> Self {
+        Self(Arc::new(Mutex::new(probe)))
+    }
+}
+
+impl Default for SharedDiskProbe {
+    fn default() -> Self {
+        Self::new(HostDiskProbe)
+    }
+}
+
+impl fmt::Debug for SharedDiskProbe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SharedDiskProbe")
+    }
+}
+
+impl DiskPressureProbe for SharedDiskProbe {
+    type Error = String;
+
+    fn available_disk(&mut self, path: &Path) -> Result<Size, Self::Error> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .probe(path)
     }
 }
 

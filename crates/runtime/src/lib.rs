@@ -20,12 +20,15 @@ pub use firkin_types as types;
 mod backoff;
 mod cube;
 mod disk;
+mod gates;
 mod paths;
 pub mod qemu;
 mod restore;
 mod samples;
 mod service;
 mod session;
+#[cfg(test)]
+mod testing;
 mod warm_pool;
 
 #[cfg(feature = "snapshot")]
@@ -35,7 +38,9 @@ pub use cube::{
     RuntimeCubeSandboxCreate, RuntimeCubeSandboxCreateConfig, RuntimeCubeSandboxCreateError,
     RuntimeCubeSandboxCreateReport,
 };
-pub use disk::{DiskFloorError, DiskPressureProbe, HostDiskProbe, check_disk_floor};
+pub use disk::{
+    DiskFloorError, DiskPressureProbe, HostDiskProbe, SharedDiskProbe, check_disk_floor,
+};
 pub use paths::{FirkinPaths, PathsError};
 pub use restore::{
     ActiveSessionReservation, IntegrityFailure, IntegritySource, RuntimeSnapshotRestore,

@@ -1,6 +1,6 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use firkin_admission::{CapacityError, CapacityLedger, ResourceBudget};
@@ -9,7 +9,8 @@ use firkin_artifacts::{
     SnapshotArtifactIntegrity, SnapshotArtifactManifest,
 };
 
-use crate::disk::{DiskPressureProbe, HostDiskProbe, check_disk_floor};
+use crate::disk::{DiskPressureProbe, HostDiskProbe};
+use crate::gates::{Admission, GateError, Gates};
 use crate::samples::BenchmarkSample;
 use crate::{DEFAULT_RESTORE_DISK_FLOOR, WARM_SNAPSHOT_RESTORE_METRIC};
 
@@ -135,6 +136,9 @@ pub enum IntegrityFailure {
     Sidecar(#[from] SidecarError),
     #[error(transparent)]
     Sealed(#[from] SealError),
+    /// The check itself did not complete (its blocking task panicked or was cancelled).
+    #[error("the integrity check did not finish: {0}")]
+    Aborted(String),
 }
 
 /// A restore stopped at one of its gates.
@@ -247,28 +251,14 @@ pub fn verify_sealed(
     source: IntegritySource<'_>,
     cache: &DigestCache,
 ) -> Result<SealedSnapshot, IntegrityFailure> {
-    let owned;
-    let record = match source {
-        IntegritySource::Record(r) => r,
-        IntegritySource::Sidecar(p) => {
-            owned = SnapshotArtifactIntegrity::read_json(p)?;
-            &owned
-        }
-        IntegritySource::Unchecked | IntegritySource::ArtifactSidecar => {
-            owned = SnapshotArtifactIntegrity::read_json(
-                SnapshotArtifactIntegrity::sidecar_path_for_artifact(manifest.path()),
-            )?;
-            &owned
-        }
-    };
-    Ok(SealedSnapshot::verify(manifest.path(), record, cache)?)
+    verify_integrity(manifest, source, cache, true)?.ok_or(IntegrityFailure::Aborted(
+        "a sealed check returned no descriptor".into(),
+    ))
 }
 
-/// Restores one session from a snapshot artifact through the four gates (see the crate docs).
-///
-/// Holds the ledger mutably for the whole restore, which is right for a single caller and for
-/// tests. A concurrent orchestrator uses [`verify_integrity`], [`check_disk_floor`] and the
-/// ledger directly so that its lock is not held across the launch.
+/// Restores one session from a snapshot artifact through the four gates (see the crate docs):
+/// the seed contract's face over the same [`crate::gates`] code [`crate::SandboxRuntime`] runs,
+/// with capacity taken from a ledger the caller holds mutably for the whole restore.
 #[derive(Debug)]
 pub struct RuntimeSnapshotRestore<'a> {
     ledger: &'a mut CapacityLedger,
@@ -277,6 +267,26 @@ pub struct RuntimeSnapshotRestore<'a> {
     disk_floor: firkin_types::Size,
     cache: &'a DigestCache,
     sealed: bool,
+}
+
+/// The capacity gate over a ledger the caller holds.
+struct LedgerAdmission<'l>(&'l mut CapacityLedger);
+
+#[async_trait]
+impl Admission for LedgerAdmission<'_> {
+    type Held = ActiveSessionReservation;
+    type Error = CapacityError;
+
+    async fn admit(&mut self, budget: ResourceBudget) -> Result<Self::Held, Self::Error> {
+        self.0.reserve_active(budget).inspect_err(|err| {
+            tracing::info!(%err, %budget, "restore refused: capacity");
+        })?;
+        Ok(ActiveSessionReservation::new(budget))
+    }
+
+    fn release(&mut self, mut held: Self::Held) {
+        held.release_into(self.0);
+    }
 }
 
 impl<'a> RuntimeSnapshotRestore<'a> {
@@ -314,23 +324,7 @@ impl<'a> RuntimeSnapshotRestore<'a> {
         self
     }
 
-    /// No integrity record, host disk probe, wall-clock latency.
-    pub async fn execute<L>(
-        self,
-        launcher: &mut L,
-    ) -> Result<SnapshotRestoreReport<L::Session>, SnapshotRestoreError<L::Error>>
-    where
-        L: SnapshotSessionLauncher,
-    {
-        self.run(
-            launcher,
-            IntegritySource::Unchecked,
-            &mut HostDiskProbe,
-            None,
-        )
-        .await
-    }
-
+    /// No integrity record, the host's disk; records `elapsed` as the latency.
     pub async fn execute_with_elapsed<L>(
         self,
         launcher: &mut L,
@@ -362,23 +356,6 @@ impl<'a> RuntimeSnapshotRestore<'a> {
             .await
     }
 
-    pub async fn execute_with_integrity<L>(
-        self,
-        launcher: &mut L,
-        integrity: &SnapshotArtifactIntegrity,
-    ) -> Result<SnapshotRestoreReport<L::Session>, SnapshotRestoreError<L::Error>>
-    where
-        L: SnapshotSessionLauncher,
-    {
-        self.run(
-            launcher,
-            IntegritySource::Record(integrity),
-            &mut HostDiskProbe,
-            None,
-        )
-        .await
-    }
-
     pub async fn execute_with_integrity_disk_probe_elapsed<L, P>(
         self,
         launcher: &mut L,
@@ -395,23 +372,6 @@ impl<'a> RuntimeSnapshotRestore<'a> {
             IntegritySource::Record(integrity),
             probe,
             Some(elapsed),
-        )
-        .await
-    }
-
-    pub async fn execute_with_integrity_sidecar<L>(
-        self,
-        launcher: &mut L,
-        sidecar: &Path,
-    ) -> Result<SnapshotRestoreReport<L::Session>, SnapshotRestoreError<L::Error>>
-    where
-        L: SnapshotSessionLauncher,
-    {
-        self.run(
-            launcher,
-            IntegritySource::Sidecar(sidecar),
-            &mut HostDiskProbe,
-            None,
         )
         .await
     }
@@ -449,59 +409,41 @@ impl<'a> RuntimeSnapshotRestore<'a> {
         L: SnapshotSessionLauncher,
         P: DiskPressureProbe + ?Sized,
     {
-        let started = Instant::now();
-        let artifact = self.manifest.path();
-        let id = self.manifest.logical_id();
-
-        let sealed =
-            verify_integrity(self.manifest, integrity, self.cache, self.sealed).map_err(|source| {
-                tracing::warn!(artifact = %artifact.display(), %source, "restore refused: integrity");
-                SnapshotRestoreError::Integrity {
-                    artifact: artifact.to_path_buf(),
-                    source,
-                }
-            })?;
-
-        check_disk_floor(probe, self.manifest.parent_dir(), self.disk_floor).map_err(|err| {
-            tracing::warn!(%err, "restore refused: disk floor");
-            SnapshotRestoreError::Capacity(err.as_capacity_error(self.disk_floor))
-        })?;
-
-        self.ledger.reserve_active(self.budget).map_err(|err| {
-            tracing::info!(%err, budget = %self.budget, "restore refused: capacity");
-            SnapshotRestoreError::Capacity(err)
-        })?;
-        let mut reservation = ActiveSessionReservation::new(self.budget);
-
-        let mut request = SnapshotRestoreRequest::new(self.manifest, self.budget);
-        if let Some(s) = sealed.as_ref() {
-            request = request.with_sealed(s);
-        }
-        let session = match launcher.restore_from_snapshot(&request).await {
-            Ok(session) => session,
-            Err(error) => {
-                reservation.release_into(self.ledger);
-                tracing::warn!(
-                    logical_id = id,
-                    "restore failed at launch; capacity released"
-                );
-                return Err(SnapshotRestoreError::Launch { error });
-            }
+        let (manifest, cache, sealed) = (self.manifest, self.cache, self.sealed);
+        let gates = Gates {
+            manifest,
+            budget: self.budget,
+            disk_floor: self.disk_floor,
+            disk_probe: probe,
         };
-        let elapsed = elapsed.unwrap_or_else(|| started.elapsed());
+        let check = async { verify_integrity(manifest, integrity, cache, sealed) };
+        let passed = gates
+            .pass(check, &mut LedgerAdmission(self.ledger), launcher)
+            .await
+            .map_err(|e| match e {
+                GateError::Integrity { artifact, source } => {
+                    SnapshotRestoreError::Integrity { artifact, source }
+                }
+                GateError::Disk { floor, error } => {
+                    SnapshotRestoreError::Capacity(error.as_capacity_error(floor))
+                }
+                GateError::Capacity(err) => SnapshotRestoreError::Capacity(err),
+                GateError::Launch(error) => SnapshotRestoreError::Launch { error },
+            })?;
+        let elapsed = elapsed.unwrap_or(passed.elapsed);
         tracing::debug!(
-            logical_id = id,
+            logical_id = manifest.logical_id(),
             ms = elapsed.as_secs_f64() * 1e3,
             "restored"
         );
         Ok(SnapshotRestoreReport {
-            session,
-            reservation,
+            session: passed.session,
+            reservation: passed.held,
             samples: vec![BenchmarkSample::latency(
                 WARM_SNAPSHOT_RESTORE_METRIC,
                 elapsed,
             )],
-            sealed,
+            sealed: passed.sealed,
         })
     }
 }

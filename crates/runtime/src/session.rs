@@ -24,10 +24,32 @@ pub struct EnvdInit {
     pub entropy: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// The guest NIC's new MAC address (a clone of a template takes its own; a resumed sandbox
+    /// keeps the one it had). Set by the launcher, which chose it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mac_address: Option<String>,
     /// A warm-pool checkout: the agent refuses (and the entry is discarded) if any process
     /// runs that its template did not have.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub require_template_processes_only: bool,
+}
+
+impl EnvdInit {
+    /// What every restore needs whoever asks: the wall clock now, 32 fresh random bytes for the
+    /// guest kernel's RNG (clones share the snapshot's RNG state), and a hostname.
+    pub fn fresh(hostname: &str) -> Self {
+        use base64::Engine;
+        let mut seed = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut seed);
+        Self {
+            timestamp: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            entropy: base64::engine::general_purpose::STANDARD.encode(seed),
+            hostname: Some(hostname.to_owned()),
+            ..Self::default()
+        }
+    }
 }
 
 /// The files a continuation capture wrote, for sealing: `(role, file name in the directory)`,

@@ -13,7 +13,9 @@ use std::time::Duration;
 use firkin_admission::ResourceBudget;
 use firkin_artifacts::DigestCache;
 use firkin_envd::client::Client;
-use firkin_runtime::qemu::{GuestAssets, QemuLauncher, TemplateBuild, base_template, detect_accel};
+use firkin_runtime::qemu::{
+    GUEST_PORTS, GuestAssets, QemuLauncher, TemplateBuild, base_template, detect_accel, envd_ready,
+};
 use firkin_runtime::types::{SandboxId, Size, TemplateId};
 use firkin_runtime::{
     EnvdInit, FirkinPaths, RuntimeConfig, RuntimeError, SandboxRuntime, SandboxSource,
@@ -511,7 +513,8 @@ async fn no_agent_answers_another_guest_without_its_token() {
         &snapshot,
         firkin_vmm::RestoreRequest {
             run_dir: sandboxes.join("pending"),
-            health_timeout: Duration::from_secs(60),
+            guest_ports: GUEST_PORTS.to_vec(),
+            ready: Some(envd_ready(Duration::from_secs(60))),
         },
     )
     .await

@@ -15,13 +15,18 @@
 //! The server drives a [`firkin_runtime::SandboxRuntime`] of any launcher; template builds go
 //! through a [`TemplateBuilder`]. [`process`] is a launcher and builder without isolation, for
 //! development and tests.
+//!
+//! Cut by resource, as Firecracker's API server is: [`api`] extracts requests and maps records to
+//! E2B's DTOs, one module per resource; `lifecycle` holds the operations as `impl App` blocks
+//! (create, control of one sandbox, expiry and exits, restart recovery, templates); [`store`] has
+//! one module per table.
 
 pub mod api;
 pub mod app;
 pub mod auth;
 pub mod capacity;
 pub mod error;
-pub mod list;
+mod lifecycle;
 pub mod orchestrator;
 pub mod process;
 pub mod procfs;

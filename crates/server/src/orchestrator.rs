@@ -4,7 +4,6 @@
 //! `SandboxRuntime<L>`); everything behind it works with `Arc<dyn Orchestrator>`, so the
 //! handlers are compiled once instead of once per launcher type.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -61,7 +60,7 @@ impl<L> Orchestrator for SandboxRuntime<L>
 where
     L: SnapshotSessionLauncher + Clone + Sync + 'static,
     L::Session: SandboxSession,
-    L::Error: fmt::Display + Send,
+    L::Error: std::error::Error + Send + Sync + 'static,
 {
     async fn start(&self, req: StartSandbox) -> Result<StartedSandbox, RuntimeError> {
         SandboxRuntime::start(self, req).await

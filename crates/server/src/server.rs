@@ -12,18 +12,17 @@ use axum::Router;
 use axum::extract::Request;
 use axum::serve::ListenerExt;
 use firkin_runtime::{SandboxRuntime, SandboxSession, SnapshotSessionLauncher};
-use firkin_types::{SandboxId, TemplateId};
+use firkin_types::TemplateId;
 use nix::fcntl::{Flock, FlockArg};
 use tokio::net::TcpListener;
 
-use crate::app::{App, ServerConfig, now_ms, remove_dir};
+use crate::app::{App, ServerConfig, now_ms};
 use crate::auth::{self, KeyRing};
+use crate::lifecycle::expiry::spawn_background;
+use crate::lifecycle::recovery::recover;
 use crate::orchestrator::Orchestrator;
-use crate::procfs;
-use crate::store::{BuildStatus, RecordState, Store, StoreError, TemplateRecord};
-use crate::templates::{
-    BuildProgress, TemplateBuilder, build_fingerprint, find_cached_build, read_template_manifest,
-};
+use crate::store::{Store, StoreError, TemplateRecord};
+use crate::templates::{BuildProgress, TemplateBuilder, build_fingerprint, read_template_manifest};
 use crate::types::BuildTemplateRequest;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,23 +55,7 @@ pub enum ServerError {
     Serve(std::io::Error),
 }
 
-/// What restart recovery found and did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RecoveryReport {
-    /// Sandboxes that were running or starting when the previous server stopped: their VMs
-    /// died with it (PDEATHSIG), so they are gone.
-    pub removed_sandboxes: Vec<String>,
-    /// Paused sandboxes whose snapshot is missing.
-    pub removed_paused: Vec<String>,
-    /// Paused sandboxes kept (resumable).
-    pub kept_paused: usize,
-    /// Leftover VMM processes that referenced this state directory and were killed.
-    pub killed_processes: usize,
-    pub removed_run_dirs: usize,
-    pub removed_snapshot_dirs: usize,
-    /// Builds that were running and are now marked failed.
-    pub interrupted_builds: usize,
-}
+pub use crate::lifecycle::recovery::RecoveryReport;
 
 /// How the API key was set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,7 +112,7 @@ impl Server {
     where
         L: SnapshotSessionLauncher + Clone + Sync + 'static,
         L::Session: SandboxSession,
-        L::Error: std::fmt::Display + Send,
+        L::Error: std::error::Error + Send + Sync + 'static,
     {
         Self::open_with(config, Arc::new(runtime), builder)
     }
@@ -245,7 +228,7 @@ impl Server {
             message,
         };
         let id = TemplateId::new(&spec.template_id).map_err(|e| terr(e.to_string()))?;
-        let budget = crate::app::budget_of(&spec).map_err(|e| terr(e.message))?;
+        let budget = crate::lifecycle::templates::budget_of(&spec).map_err(|e| terr(e.message))?;
         let fingerprint = build_fingerprint(
             self.app.builder.as_ref(),
             spec.from.as_ref(),
@@ -272,55 +255,8 @@ impl Server {
         if let Some((build_id, progress)) = self.app.building(id.as_str()) {
             return Ok(EnsureTemplate::Building { build_id, progress });
         }
-        // Only the small descriptor is hashed here. In memory: the runtime's cache persists to
-        // the same file, and two writers would drop each other's entries.
-        let cache = firkin_artifacts::DigestCache::in_memory();
-        if let Some((manifest, snapshot)) = find_cached_build(
-            &self.app.config.paths.templates_dir(),
-            &id,
-            &cache,
-            fingerprint.as_deref(),
-        ) {
-            let now = now_ms();
-            let record = TemplateRecord {
-                template_id: id.to_string(),
-                build_id: manifest.build_id.clone(),
-                descriptor: snapshot.descriptor.clone(),
-                integrity: snapshot.integrity.clone(),
-                budget: snapshot.budget,
-                envd_version: manifest.envd_version.clone(),
-                created_ms: manifest.created_ms,
-                updated_ms: now,
-            };
-            let dir = snapshot
-                .descriptor
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_default();
-            self.app.store.insert_build(&crate::store::BuildRecord {
-                build_id: manifest.build_id.clone(),
-                template_id: id.to_string(),
-                status: BuildStatus::Building,
-                spec: "{\"adopted\":true}".into(),
-                dir,
-                logs: String::new(),
-                reason: None,
-                created_ms: manifest.created_ms,
-                finished_ms: None,
-            })?;
-            self.app.store.finish_build(
-                &manifest.build_id,
-                BuildStatus::Ready,
-                None,
-                "adopted from the template cache",
-                now,
-                Some(&record),
-            )?;
-            self.app.apply_warm_pool(&record);
-            tracing::info!(template = %id, build = %manifest.build_id, "adopted a cached template build");
-            return Ok(EnsureTemplate::Adopted {
-                build_id: manifest.build_id,
-            });
+        if let Some(build_id) = self.app.adopt_cached_build(&id, fingerprint.as_deref())? {
+            return Ok(EnsureTemplate::Adopted { build_id });
         }
         let (build_id, progress) = self
             .app
@@ -406,133 +342,4 @@ impl Drop for AbortOnDrop {
             t.abort();
         }
     }
-}
-
-fn spawn_background(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
-    app.rt.spawn_warm_pool();
-    let ticker = {
-        let app = Arc::clone(app);
-        tokio::spawn(async move {
-            let mut n: u64 = 0;
-            let mut tick = tokio::time::interval(app.config.tick);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                app.expire_due();
-                n += 1;
-                if n.is_multiple_of(20) {
-                    app.reconcile();
-                }
-            }
-        })
-    };
-    let exits = {
-        let app = Arc::clone(app);
-        let mut rx = app.rt.exits();
-        tokio::spawn(async move {
-            loop {
-                match rx.recv().await {
-                    Ok(exit) => app.on_exit(&exit.sandbox_id, &exit.reason).await,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "missed sandbox exit events; reconciling");
-                        app.reconcile();
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        })
-    };
-    vec![ticker, exits]
-}
-
-/// Restart recovery. Runs with the state-directory lock held, so no other server owns anything
-/// in it and nothing of ours can be running: QEMU dies with the server that started it
-/// (PDEATHSIG), and whatever survived that is killed here.
-fn recover(store: &Store, config: &ServerConfig) -> Result<RecoveryReport, ServerError> {
-    let paths = &config.paths;
-    let mut report = RecoveryReport::default();
-
-    for r in store.sandboxes()? {
-        match r.state {
-            RecordState::Starting | RecordState::Running => {
-                if let (Some(pid), Some(start)) = (r.pid, r.pid_start)
-                    && procfs::kill_if_same(pid, start)
-                {
-                    tracing::warn!(sandbox = %r.sandbox_id, pid, "killed a VMM that outlived its server");
-                    report.killed_processes += 1;
-                }
-                forget(store, &r.sandbox_id, paths.snapshots_dir().as_path())?;
-                report.removed_sandboxes.push(r.sandbox_id.to_string());
-            }
-            RecordState::Paused => {
-                let present = r.snapshot.as_ref().is_some_and(|s| s.descriptor.is_file());
-                if present {
-                    report.kept_paused += 1;
-                } else {
-                    tracing::warn!(sandbox = %r.sandbox_id, "paused sandbox lost its snapshot; removing it");
-                    forget(store, &r.sandbox_id, paths.snapshots_dir().as_path())?;
-                    report.removed_paused.push(r.sandbox_id.to_string());
-                }
-            }
-        }
-    }
-
-    // Warm-pool entries and half-started VMs have no record; anything still running from our
-    // run directories belongs to a dead server.
-    for pid in procfs::processes_referencing(&paths.sandboxes_dir()) {
-        if procfs::kill_pid(pid) {
-            tracing::warn!(pid, "killed a leftover sandbox process");
-            report.killed_processes += 1;
-        }
-    }
-    if let Ok(entries) = std::fs::read_dir(paths.sandboxes_dir()) {
-        for e in entries.filter_map(Result::ok) {
-            remove_dir(&e.path());
-            report.removed_run_dirs += 1;
-        }
-    }
-
-    // Snapshot directories the database does not know are from a pause that never finished.
-    let known: std::collections::HashSet<PathBuf> = store.snapshot_dirs()?.into_iter().collect();
-    if let Ok(sandboxes) = std::fs::read_dir(paths.snapshots_dir()) {
-        for sb in sandboxes.filter_map(Result::ok) {
-            let Ok(snaps) = std::fs::read_dir(sb.path()) else {
-                continue;
-            };
-            for snap in snaps.filter_map(Result::ok) {
-                if !known.contains(&snap.path()) {
-                    remove_dir(&snap.path());
-                    report.removed_snapshot_dirs += 1;
-                }
-            }
-            let _ = std::fs::remove_dir(sb.path());
-        }
-    }
-
-    for b in store.builds()? {
-        if b.status == BuildStatus::Building {
-            store.finish_build(
-                &b.build_id,
-                BuildStatus::Error,
-                Some("interrupted: the server stopped during the build"),
-                &b.logs,
-                now_ms(),
-                None,
-            )?;
-            remove_dir(&b.dir);
-            report.interrupted_builds += 1;
-        }
-    }
-    if report != RecoveryReport::default() {
-        tracing::info!(?report, "recovered from the previous run");
-    }
-    Ok(report)
-}
-
-fn forget(store: &Store, id: &SandboxId, snapshots_dir: &Path) -> Result<(), ServerError> {
-    for s in store.delete_sandbox(id)? {
-        remove_dir(&s.dir);
-    }
-    remove_dir(&snapshots_dir.join(id.as_str()));
-    Ok(())
 }

@@ -82,7 +82,8 @@ fn main() {
         for i in 0..restores {
             let req = RestoreRequest {
                 run_dir: f.dir.join(format!("bench-clone-{i}")),
-                health_timeout: Duration::from_secs(60),
+                guest_ports: vec![common::AGENT_PORT],
+                ready: Some(common::agent_ready(Duration::from_secs(60))),
             };
             let t = Instant::now();
             let vm = Vm::restore(&snap, req).await.expect("restore");
@@ -99,7 +100,8 @@ fn main() {
         for i in 0..3 {
             let req = RestoreRequest {
                 run_dir: f.dir.join(format!("bench-mem-{i}")),
-                health_timeout: Duration::from_secs(60),
+                guest_ports: vec![common::AGENT_PORT],
+                ready: Some(common::agent_ready(Duration::from_secs(60))),
             };
             clones.push(Vm::restore(&snap, req).await.expect("restore"));
         }

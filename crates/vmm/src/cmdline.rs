@@ -12,10 +12,6 @@ use serde::{Deserialize, Serialize};
 use crate::accel::Accel;
 use crate::error::{Result, VmmError};
 
-/// The guest port envd listens on.
-pub const ENVD_PORT: u16 = 49983;
-/// The second guest port the E2B SDKs expect (code interpreter).
-pub const CODE_PORT: u16 = 49999;
 /// QEMU's seccomp sandbox: no obsolete syscalls, no setuid, no fork/exec, no cgroup changes.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// fd number at which QEMU finds its end of the QMP socketpair.
@@ -108,8 +104,8 @@ impl MachineConfig {
 
 /// Default TCG translation cache. Smaller caches save little on an idle clone (the cache is
 /// touched as code is translated) but make busy guests retranslate constantly: measured on the
-/// base template, `/bin/true` through envd took 470 ms at 8 MiB, 37-138 ms at 32 MiB and 35-40
-/// ms at 64 MiB; Python start-up 1.7 s, 0.7 s and 0.17 s. 64 MiB is the knee.
+/// base template, `/bin/true` through the guest agent took 470 ms at 8 MiB, 37-138 ms at
+/// 32 MiB and 35-40 ms at 64 MiB; Python start-up 1.7 s, 0.7 s and 0.17 s. 64 MiB is the knee.
 pub const DEFAULT_TB_SIZE_MIB: u32 = 64;
 
 /// A disk image format QEMU opens.
@@ -198,7 +194,7 @@ pub fn qemu_args(m: &MachineConfig, l: &Launch) -> Result<Vec<OsString>> {
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
     push(&["-sandbox", SANDBOX]);
     // microvm: no PCI, no firmware option ROMs; the serial port carries the kernel console and
-    // the RTC gives the guest a wall clock before envd's /init sets it.
+    // the RTC gives the guest a wall clock before its agent sets the time.
     push(&[
         "-machine",
         "microvm,x-option-roms=off,isa-serial=on,rtc=on,memory-backend=mem",
@@ -315,7 +311,7 @@ mod tests {
                     format: DiskFormat::Raw,
                 },
             ],
-            forwards: vec![(40001, ENVD_PORT), (40002, CODE_PORT)],
+            forwards: vec![(40001, 8080), (40002, 9000)],
             console_log: "/run/vm1/console.log".into(),
             incoming: true,
             paused: false,
@@ -382,7 +378,7 @@ mod tests {
         assert_eq!(
             value_of(&a, "-netdev"),
             vec![
-                "user,id=net0,hostfwd=tcp:127.0.0.1:40001-:49983,hostfwd=tcp:127.0.0.1:40002-:49999"
+                "user,id=net0,hostfwd=tcp:127.0.0.1:40001-:8080,hostfwd=tcp:127.0.0.1:40002-:9000"
             ]
         );
     }

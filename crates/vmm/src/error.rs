@@ -44,9 +44,11 @@ pub enum VmmError {
         console_tail: String,
     },
     #[error(
-        "envd at {addr} did not answer /health within {secs} s; console tail ({console}):\n{console_tail}"
+        "the guest was not ready on port {guest_port} (forwarded at {addr}) within {secs} s; \
+         console tail ({console}):\n{console_tail}"
     )]
-    HealthTimeout {
+    ReadyTimeout {
+        guest_port: u16,
         addr: std::net::SocketAddr,
         secs: u64,
         console: PathBuf,
@@ -59,6 +61,10 @@ pub enum VmmError {
         status: String,
         stderr: String,
     },
+    #[error("guest port {guest_port} is asked to be forwarded twice")]
+    DuplicateForward { guest_port: u16 },
+    #[error("guest port {guest_port} is not forwarded, so it cannot be probed")]
+    NotForwarded { guest_port: u16 },
     #[error("no free loopback TCP port: {0}")]
     NoPort(std::io::Error),
     #[error("invalid snapshot {path}: {why}")]

@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 use common::*;
-use firkin_vmm::{RestoreRequest, Snapshot, SnapshotKind, Vm};
+use firkin_vmm::{ReadyCheck, RestoreRequest, Snapshot, SnapshotKind, Vm, VmmError};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -20,7 +20,8 @@ fn restore_request(name: &str) -> RestoreRequest {
             .dir
             .join("clones")
             .join(format!("{name}-{}", std::process::id())),
-        health_timeout: Duration::from_secs(120),
+        guest_ports: vec![AGENT_PORT],
+        ready: Some(agent_ready(Duration::from_secs(120))),
     }
 }
 
@@ -35,9 +36,9 @@ fn cold_boot_reaches_health_and_stop_cleans_up() {
         let vm = Vm::cold_boot(req).await.expect("cold boot");
         eprintln!("cold boot to health: {:?}", start.elapsed());
         assert!(vm.is_alive());
-        assert!(firkin_vmm::health_probe(vm.envd_addr(), Duration::from_secs(5)).await);
+        assert!(health(agent(&vm)).await);
         let out = sh(
-            vm.envd_addr(),
+            agent(&vm),
             "cat /proc/cmdline; ip -4 addr show eth0; ip route",
         );
         assert!(
@@ -51,7 +52,7 @@ fn cold_boot_reaches_health_and_stop_cleans_up() {
         assert!(out.contains("default via 10.0.2.2"), "{out}");
         // envd replaced init as PID 1, from the tmpfs copy.
         let out = sh(
-            vm.envd_addr(),
+            agent(&vm),
             "cat /proc/1/cmdline | tr '\\0' ' '; echo; mount",
         );
         assert!(out.contains("/run/firkin/firkin-envd --guest"), "{out}");
@@ -114,23 +115,23 @@ fn three_concurrent_clones_are_isolated_and_leave_nothing() {
             b.expect("clone 1"),
             c.expect("clone 2"),
         ];
-        let mut ports: Vec<_> = vms.iter().map(|v| v.envd_addr().port()).collect();
+        let mut ports: Vec<_> = vms.iter().map(|v| agent(v).port()).collect();
         ports.sort();
         ports.dedup();
         assert_eq!(ports.len(), 3, "clones share a port");
         for vm in &vms {
             eprintln!("restore timings: {:?}", vm.timings());
-            assert!(firkin_vmm::health_probe(vm.envd_addr(), Duration::from_secs(5)).await);
+            assert!(health(agent(vm)).await);
             assert!(vm.run_dir().join(firkin_vmm::OVERLAY_FILE).is_file());
         }
         let out = sh(
-            vms[0].envd_addr(),
+            agent(&vms[0]),
             "echo secret-0 > /root/mine && sync && cat /root/mine",
         );
         assert_eq!(out.trim(), "secret-0");
         for vm in &vms[1..] {
             let out = sh(
-                vm.envd_addr(),
+                agent(vm),
                 "test -e /root/mine && echo present || echo absent",
             );
             assert_eq!(out.trim(), "absent", "file leaked into another clone");
@@ -197,7 +198,8 @@ fn helper_owner_process() {
     rt.block_on(async {
         let req = RestoreRequest {
             run_dir: std::path::PathBuf::from(std::env::var("FIRKIN_TEST_RUN_DIR").unwrap()),
-            health_timeout: Duration::from_secs(120),
+            guest_ports: vec![AGENT_PORT],
+            ready: Some(agent_ready(Duration::from_secs(120))),
         };
         let vm = Vm::restore(&snap, req).await.expect("helper restore");
         println!("QEMU_PID={}", vm.pid());
@@ -250,7 +252,7 @@ fn continuation_keeps_files_and_background_processes() {
             .await
             .expect("restore");
         let out = sh(
-            vm.envd_addr(),
+            agent(&vm),
             "echo kept > /root/note; setsid sleep 4242 </dev/null >/dev/null 2>&1 & echo $!",
         );
         let sleeper: u32 = out
@@ -282,14 +284,14 @@ fn continuation_keeps_files_and_background_processes() {
         .expect("resume continuation");
         eprintln!("continuation resumed in {:?}", start.elapsed());
         let out = sh(
-            resumed.envd_addr(),
+            agent(&resumed),
             &format!("cat /root/note; cat /proc/{sleeper}/cmdline | tr '\\0' ' '"),
         );
         assert!(out.contains("kept"), "file lost: {out}");
         assert!(out.contains("sleep 4242"), "background process lost: {out}");
         // A second pause of the resumed sandbox folds the first continuation's layer into its
         // own: still one layer over the template, and the first continuation can go.
-        sh(resumed.envd_addr(), "echo later > /root/note2; sync");
+        sh(agent(&resumed), "echo later > /root/note2; sync");
         let cont2_dir = fixture()
             .dir
             .join(format!("continuation2-{}", std::process::id()));
@@ -303,7 +305,7 @@ fn continuation_keeps_files_and_background_processes() {
         let again = Vm::restore(&cont2, restore_request("resume2"))
             .await
             .expect("second resume");
-        let out = sh(again.envd_addr(), "cat /root/note /root/note2");
+        let out = sh(agent(&again), "cat /root/note /root/note2");
         assert_eq!(out.trim(), "kept\nlater");
         again.stop(Duration::from_secs(10)).await.unwrap();
         let _ = std::fs::remove_dir_all(&cont2_dir);
@@ -356,7 +358,8 @@ fn base_template_with_real_envd_boots_snapshots_and_restores() {
             run_dir: dir.join("run"),
             ram_path: dir.join("ram.img"),
             disk,
-            health_timeout: Duration::from_secs(180),
+            guest_ports: vec![AGENT_PORT],
+            ready: Some(agent_ready(Duration::from_secs(180))),
         })
         .await
         .expect("cold boot of base with envd");
@@ -370,12 +373,63 @@ fn base_template_with_real_envd_boots_snapshots_and_restores() {
             Vm::restore(&snap, restore_request("envd-b")),
         );
         let (a, b) = (a.expect("restore a"), b.expect("restore b"));
-        assert_ne!(a.envd_addr(), b.envd_addr());
+        assert_ne!(agent(&a), agent(&b));
         for vm in [&a, &b] {
             eprintln!("base + envd restore: {:?}", vm.timings());
-            assert!(firkin_vmm::health_probe(vm.envd_addr(), Duration::from_secs(5)).await);
+            assert!(health(agent(vm)).await);
         }
         a.stop(Duration::from_secs(10)).await.unwrap();
         b.stop(Duration::from_secs(10)).await.unwrap();
+    });
+}
+
+/// A guest that never passes its caller's check fails the restore after the check's timeout,
+/// with the console tail, and leaves no QEMU and no run directory behind; a check on a port
+/// that is not forwarded is refused before anything starts.
+#[test]
+fn a_guest_never_ready_times_out_with_its_console_tail() {
+    let snap = template();
+    let rt = runtime();
+    rt.block_on(async {
+        let mut req = restore_request("never-ready");
+        req.ready = Some(ReadyCheck::new(
+            AGENT_PORT,
+            Duration::from_secs(2),
+            |_| async { false },
+        ));
+        let run_dir = req.run_dir.clone();
+        let err = Vm::restore(snap, req).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VmmError::ReadyTimeout {
+                    guest_port: AGENT_PORT,
+                    secs: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("console tail"), "{err}");
+        assert!(
+            !run_dir.exists(),
+            "run dir {} left behind",
+            run_dir.display()
+        );
+
+        let mut req = restore_request("unforwarded");
+        req.guest_ports = vec![];
+        let run_dir = req.run_dir.clone();
+        let err = Vm::restore(snap, req).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VmmError::NotForwarded {
+                    guest_port: AGENT_PORT
+                }
+            ),
+            "{err}"
+        );
+        assert!(!run_dir.exists());
     });
 }

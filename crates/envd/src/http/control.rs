@@ -141,6 +141,10 @@ pub(super) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Result<R
             s.default_workdir = (!dir.is_empty()).then(|| PathBuf::from(dir));
         }
     });
+    if req.mark_template_processes == Some(true) {
+        // The last request of a template build: its snapshot follows.
+        envd.forget_host_secret();
+    }
     Ok((
         StatusCode::NO_CONTENT,
         [
@@ -166,10 +170,15 @@ fn require_template_processes_only(envd: &Envd) -> Result<(), ApiError> {
     }
     if envd.mode == Mode::Guest {
         let me = i32::try_from(std::process::id()).unwrap_or(1);
+        let mut kernel_threads = envd
+            .kernel_threads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let found = crate::baseline::newcomers(
             std::path::Path::new("/proc"),
             &envd.template_processes(),
             me,
+            &mut kernel_threads,
         )
         .map_err(|e| ApiError::internal(format!("listing /proc: {e}")))?;
         if !found.is_empty() {

@@ -254,6 +254,20 @@ async fn guest_mode_as_pid1_in_namespaces() {
         "via secret\n"
     );
     check_template_processes(&host).await;
+    // A restore as a clone sees it: the VM's secret changes under an agent whose template build
+    // ended with the mark. It answers to the new secret only, though it had read the old one.
+    const RESTORED: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+    let rotate = format!("printf %s {RESTORED} > /secret");
+    let out = host
+        .exec("/bin/bash", &["-c", &rotate], Some("root"))
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0);
+    host.init(&json!({"markTemplateProcesses": true}))
+        .await
+        .unwrap();
+    assert_gated(&host).await;
+    let host = anon.clone().with_token(RESTORED);
     host.init(&json!({"accessToken": TOKEN})).await.unwrap();
     assert_gated(&host).await;
     let c = anon.clone().with_token(TOKEN);

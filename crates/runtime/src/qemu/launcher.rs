@@ -15,6 +15,7 @@ use crate::service::SNAPSHOT_DESCRIPTOR;
 use crate::session::{ContinuationSaved, EnvdInit, SandboxSession};
 
 use super::component;
+use super::ready::{GUEST_PORTS, envd_addr, envd_ready};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
@@ -137,12 +138,13 @@ impl SnapshotSessionLauncher for QemuLauncher {
             &snap,
             RestoreRequest {
                 run_dir: self.next_run_dir(),
-                health_timeout: self.health_timeout,
+                guest_ports: GUEST_PORTS.to_vec(),
+                ready: Some(envd_ready(self.health_timeout)),
             },
         )
         .await?;
         tracing::debug!(pid = vm.pid(), timings = ?vm.timings(), "restored");
-        let session = QemuSession::new(vm, self.stop_timeout);
+        let session = QemuSession::new(vm, self.stop_timeout)?;
         // A clone of a template takes its own MAC address at its first /init; a resumed
         // sandbox keeps the one it had, and its agent still holds the sandbox's token.
         Ok(match kind {
@@ -157,7 +159,8 @@ impl SnapshotSessionLauncher for QemuLauncher {
 pub struct QemuSession {
     vm: Mutex<Option<Vm>>,
     envd: SocketAddr,
-    code: SocketAddr,
+    /// Guest port → host loopback address, for every port in [`GUEST_PORTS`].
+    forwards: Vec<(u16, SocketAddr)>,
     pid: u32,
     exit: watch::Receiver<Option<ExitInfo>>,
     stop_timeout: Duration,
@@ -185,18 +188,20 @@ fn random_mac() -> String {
 }
 
 impl QemuSession {
-    pub fn new(vm: Vm, stop_timeout: Duration) -> Self {
+    /// Fails when the VM does not forward envd's port (it was not started with
+    /// [`GUEST_PORTS`]).
+    pub fn new(vm: Vm, stop_timeout: Duration) -> Result<Self, QemuError> {
         let vm_secret = vm.guest_secret().map(str::to_owned);
-        Self {
-            envd: vm.envd_addr(),
-            code: vm.code_addr(),
+        Ok(Self {
+            envd: envd_addr(&vm).map_err(QemuError::Vmm)?,
+            forwards: vm.forwards().to_vec(),
             pid: vm.pid(),
             exit: vm.exit_watch(),
             vm: Mutex::new(Some(vm)),
             stop_timeout,
             mac: None,
             auth: std::sync::Mutex::new(vm_secret),
-        }
+        })
     }
 
     /// The agent already holds the token that the first `/init` will carry (a resumed sandbox).
@@ -235,11 +240,10 @@ impl SandboxSession for QemuSession {
     }
 
     fn port_addr(&self, guest_port: u16) -> Option<SocketAddr> {
-        match guest_port {
-            firkin_vmm::ENVD_PORT => Some(self.envd),
-            firkin_vmm::CODE_PORT => Some(self.code),
-            _ => None,
-        }
+        self.forwards
+            .iter()
+            .find(|(guest, _)| *guest == guest_port)
+            .map(|&(_, host)| host)
     }
 
     fn pid(&self) -> Option<u32> {
@@ -260,10 +264,11 @@ impl SandboxSession for QemuSession {
         if let Some(token) = self.auth().or_else(|| init.access_token.clone()) {
             client = client.with_token(token);
         }
-        let mut body = serde_json::to_value(init).map_err(|e| err(e.to_string()))?;
-        if let (Some(mac), Some(obj)) = (&self.mac, body.as_object_mut()) {
-            obj.insert("macAddress".into(), mac.clone().into());
-        }
+        let init = EnvdInit {
+            mac_address: self.mac.clone(),
+            ..init.clone()
+        };
+        let body = serde_json::to_value(&init).map_err(|e| err(e.to_string()))?;
         tokio::time::timeout(Duration::from_secs(20), client.init(&body))
             .await
             .map_err(|_| err("no answer within 20 s".into()))?
@@ -287,25 +292,26 @@ impl SandboxSession for QemuSession {
         // time, a kernel RNG reseed (more entropy never hurts; checkout adds fresh seed again),
         // a rename, which rewrites /etc/hosts as the checkout's rename will, and the clone's
         // own MAC address (the checkout sends the same one again, a no-op). No token is
-        // set here: until its checkout the entry answers only to its VM's secret. A login shell running `true` translates envd's spawn path, bash and the
-        // profile scripts a first command uses.
+        // set here: until its checkout the entry answers only to its VM's secret. A login
+        // shell running `true` translates envd's spawn path, bash and the profile scripts a
+        // first command uses.
         let started = std::time::Instant::now();
-        let now = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
-        let mut seed = [0u8; 32];
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut seed);
-        let entropy = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, seed);
-        let mut body = serde_json::json!({
-            "timestamp": now,
-            "hostname": "firkin-warm",
-            "entropy": entropy,
-        });
-        if let (Some(mac), Some(obj)) = (&self.mac, body.as_object_mut()) {
-            obj.insert("macAddress".into(), mac.clone().into());
-        }
+        let init = EnvdInit {
+            mac_address: self.mac.clone(),
+            ..EnvdInit::fresh("firkin-warm")
+        };
+        let Ok(body) = serde_json::to_value(&init) else {
+            return;
+        };
         let _ = client.init(&body).await;
         let _ = client.run("true").await;
+        // The checkout's process check, once now: the agent learns which new pids are kernel
+        // threads (each costs a /proc read under TCG), so the checkout reads only pids born
+        // since. An entry running anything else fails it again at checkout and is discarded.
+        let check = serde_json::json!({ "requireTemplateProcessesOnly": true });
+        if let Err(err) = client.init(&check).await {
+            tracing::warn!(%err, "warm sandbox failed its process check");
+        }
         tracing::debug!(
             ms = started.elapsed().as_millis() as u64,
             "warm sandbox warmed up"

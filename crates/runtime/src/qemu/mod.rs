@@ -3,16 +3,19 @@
 //!
 //! Everything QEMU-specific below the runtime's traits lives in `firkin-vmm` (processes, QMP,
 //! command lines) and `firkin-guest` (kernel, initramfs, root filesystems); this module only
-//! composes them with sealing and envd's `/init`.
+//! composes them with sealing and envd: which guest ports a VM forwards, waiting for envd's
+//! `/health` (`ready`), and envd's `/init`.
 
 mod assets;
 mod launcher;
+mod ready;
 mod template;
 
 pub use assets::{GuestAssets, GuestAssetsError};
 pub use firkin_guest::{ROOTFS_RULES_VERSION, RootfsSource, UserSpec, base_template};
 pub use firkin_vmm::{Accel, AccelDecision, accel::detect as detect_accel};
 pub use launcher::{QemuError, QemuLauncher, QemuSession};
+pub use ready::{GUEST_PORTS, envd_addr, envd_health, envd_ready};
 pub use template::{BuildEvent, TemplateBuild, TemplateBuildError, build_template};
 
 /// Component names in a sealed QEMU snapshot.

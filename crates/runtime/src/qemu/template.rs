@@ -18,6 +18,7 @@ use crate::{DEFAULT_RESTORE_DISK_FLOOR, samples::BenchmarkSample};
 
 use super::assets::GuestAssets;
 use super::component;
+use super::ready::{GUEST_PORTS, envd_addr, envd_ready};
 
 /// What to build.
 #[derive(Clone, Debug)]
@@ -174,7 +175,8 @@ async fn build_inner(
         run_dir: dir.join("run"),
         ram_path: dir.join(firkin_vmm::RAM_FILE),
         disk: disk.clone(),
-        health_timeout: BOOT_TIMEOUT,
+        guest_ports: GUEST_PORTS.to_vec(),
+        ready: Some(envd_ready(BOOT_TIMEOUT)),
     })
     .await?;
     let boot_time = boot_started.elapsed();
@@ -184,13 +186,13 @@ async fn build_inner(
     )));
 
     // 4. Prepare commands, as root, through envd.
-    let mut client = EnvdClient::new(&format!("http://{}", vm.envd_addr())).map_err(|e| {
-        TemplateBuildError::Prepare {
+    let envd = envd_addr(&vm).map_err(TemplateBuildError::Vm)?;
+    let mut client =
+        EnvdClient::new(&format!("http://{envd}")).map_err(|e| TemplateBuildError::Prepare {
             index: 0,
             command: String::new(),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     // The template's agent answers only to this VM's secret, so only this builder can drive it.
     if let Some(secret) = vm.guest_secret() {
         client = client.with_token(secret.to_owned());

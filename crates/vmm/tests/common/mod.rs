@@ -13,7 +13,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use firkin_guest::{ImageOptions, InitramfsSpec, KernelAssets};
-use firkin_vmm::{Accel, BootRequest, MachineConfig, Snapshot, Vm};
+use firkin_vmm::{Accel, BootRequest, MachineConfig, ReadyCheck, Snapshot, Vm};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const SETUP: &str = "scripts/setup-guest.sh (as root; it installs QEMU, busybox-static and \
                          e2fsprogs, builds the static guest binaries and fetches the kernel)";
@@ -78,6 +79,35 @@ const APPLETS: &[&str] = &[
     "sh", "httpd", "head", "rm", "mkdir", "cat", "sleep", "echo", "ls", "poweroff", "sync",
     "setsid", "ps", "printf", "chmod", "kill", "test", "[", "ip", "mount", "uname", "pidof", "tr",
 ];
+
+/// The guest port both the test agent and the real firkin-envd listen on.
+pub const AGENT_PORT: u16 = 49983;
+
+/// One `GET /health` of the agent behind `addr`; `true` on a 2xx answer. A refused or reset
+/// connection is normal while the guest starts.
+pub async fn health(addr: SocketAddr) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /health HTTP/1.0\r\n\r\n").await.ok()?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.ok()?;
+        Some(head.starts_with(b"HTTP/1.") && head[9] == b'2')
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), attempt).await,
+        Ok(Some(true))
+    )
+}
+
+/// Ready when the agent answers `/health`.
+pub fn agent_ready(timeout: Duration) -> ReadyCheck {
+    ReadyCheck::new(AGENT_PORT, timeout, health)
+}
+
+/// The host address forwarded to the agent.
+pub fn agent(vm: &Vm) -> SocketAddr {
+    vm.forward(AGENT_PORT).expect("the agent port is forwarded")
+}
 
 pub struct Fixture {
     pub dir: PathBuf,
@@ -176,7 +206,8 @@ pub fn boot_request(f: &Fixture, name: &str) -> BootRequest {
         run_dir: base.join("run"),
         ram_path: base.join("ram.img"),
         disk,
-        health_timeout: Duration::from_secs(180),
+        guest_ports: vec![AGENT_PORT],
+        ready: Some(agent_ready(Duration::from_secs(180))),
     }
 }
 

@@ -70,68 +70,82 @@ pub struct ListQuery {
     pub template: Option<String>,
 }
 
-/// Parses the raw query string of a list request.
+/// Parses a raw query string the way the handler's `Query` extractor does (for unit tests).
+#[cfg(test)]
 pub fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
-    let mut q = ListQuery {
-        limit: DEFAULT_LIMIT,
-        ..ListQuery::default()
-    };
-    // Step 1 of the metadata decoding: the framework's one form-decoding of every parameter.
-    for (key, value) in form_urlencoded_pairs(raw.unwrap_or(""))? {
-        match key.as_str() {
-            "state" => {
-                let mut states = q.states.take().unwrap_or_default();
-                for s in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    states.push(match s {
-                        "running" => SandboxState::Running,
-                        "paused" => SandboxState::Paused,
-                        other => {
-                            return Err(ApiError::bad_request(format!(
-                                "invalid state {other:?}: expected running or paused"
-                            )));
-                        }
-                    });
+    let uri: axum::http::Uri = format!("/?{}", raw.unwrap_or(""))
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+    let axum::extract::Query(params) = axum::extract::Query::try_from_uri(&uri)
+        .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+    ListQuery::from_params(params)
+}
+
+impl ListQuery {
+    /// Reads a list request's query parameters, in order. Repeated `state` and `metadata`
+    /// parameters add up, so they are taken as pairs rather than as a struct.
+    pub fn from_params(params: Vec<(String, String)>) -> Result<Self, ApiError> {
+        let mut q = ListQuery {
+            limit: DEFAULT_LIMIT,
+            ..ListQuery::default()
+        };
+        // Step 1 of the metadata decoding is `Query`'s one form-decoding of every parameter.
+        for (key, value) in params {
+            match key.as_str() {
+                "state" => {
+                    let mut states = q.states.take().unwrap_or_default();
+                    for s in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                        states.push(match s {
+                            "running" => SandboxState::Running,
+                            "paused" => SandboxState::Paused,
+                            other => {
+                                return Err(ApiError::bad_request(format!(
+                                    "invalid state {other:?}: expected running or paused"
+                                )));
+                            }
+                        });
+                    }
+                    q.states = Some(states);
                 }
-                q.states = Some(states);
-            }
-            "metadata" => q.metadata.extend(decode_metadata_filter(&value)?),
-            "limit" => {
-                let n: usize = value.parse().map_err(|_| {
-                    ApiError::bad_request(format!(
-                        "invalid limit {value:?}: expected 1-{MAX_LIMIT}"
-                    ))
-                })?;
-                if !(1..=MAX_LIMIT).contains(&n) {
-                    return Err(ApiError::bad_request(format!(
-                        "invalid limit {n}: expected 1-{MAX_LIMIT}"
-                    )));
-                }
-                q.limit = n;
-            }
-            "nextToken" if !value.is_empty() => q.after = Some(Cursor::decode(&value)?),
-            "order" => {
-                q.order = match value.as_str() {
-                    "asc" => Order::Asc,
-                    "desc" => Order::Desc,
-                    other => {
+                "metadata" => q.metadata.extend(decode_metadata_filter(&value)?),
+                "limit" => {
+                    let n: usize = value.parse().map_err(|_| {
+                        ApiError::bad_request(format!(
+                            "invalid limit {value:?}: expected 1-{MAX_LIMIT}"
+                        ))
+                    })?;
+                    if !(1..=MAX_LIMIT).contains(&n) {
                         return Err(ApiError::bad_request(format!(
-                            "invalid order {other:?}: expected asc or desc"
+                            "invalid limit {n}: expected 1-{MAX_LIMIT}"
                         )));
                     }
+                    q.limit = n;
                 }
+                "nextToken" if !value.is_empty() => q.after = Some(Cursor::decode(&value)?),
+                "order" => {
+                    q.order = match value.as_str() {
+                        "asc" => Order::Asc,
+                        "desc" => Order::Desc,
+                        other => {
+                            return Err(ApiError::bad_request(format!(
+                                "invalid order {other:?}: expected asc or desc"
+                            )));
+                        }
+                    }
+                }
+                "startedAfter" => {
+                    let t = OffsetDateTime::parse(&value, &Rfc3339).map_err(|e| {
+                        ApiError::bad_request(format!("invalid startedAfter {value:?}: {e}"))
+                    })?;
+                    q.started_after_ms = Some(unix_ms(t));
+                }
+                "template" if !value.is_empty() => q.template = Some(value),
+                // Unknown parameters are ignored so that newer SDKs keep working.
+                _ => {}
             }
-            "startedAfter" => {
-                let t = OffsetDateTime::parse(&value, &Rfc3339).map_err(|e| {
-                    ApiError::bad_request(format!("invalid startedAfter {value:?}: {e}"))
-                })?;
-                q.started_after_ms = Some(unix_ms(t));
-            }
-            "template" if !value.is_empty() => q.template = Some(value),
-            // Unknown parameters are ignored so that newer SDKs keep working.
-            _ => {}
         }
+        Ok(q)
     }
-    Ok(q)
 }
 
 fn unix_ms(t: OffsetDateTime) -> i64 {
@@ -145,16 +159,6 @@ fn form_decode(s: &str) -> Result<String, ApiError> {
         .decode_utf8()
         .map(|c| c.into_owned())
         .map_err(|_| ApiError::bad_request(format!("query value {s:?} is not UTF-8")))
-}
-
-fn form_urlencoded_pairs(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
-    raw.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            Ok((form_decode(k)?, form_decode(v)?))
-        })
-        .collect()
 }
 
 /// Steps 2 and 3 of the SDK's metadata encoding (protocol notes §2.2): the SDK percent-encodes
