@@ -12,7 +12,9 @@
 #   FIRKIN_CACHE_DIR   cache directory (default ~/.firkin/cache); the kernel goes to
 #                      $FIRKIN_CACHE_DIR/kernel
 #   FIRKIN_SKIP_APT=1  skip apt-get (packages already installed); the final check still runs
-set -euo pipefail
+set -Eeuo pipefail
+# A step that fails says which one: `set -e` alone ends the script without a word.
+trap 'printf "setup-guest: failed (exit %s) at line %s: %s\n" "$?" "$LINENO" "$BASH_COMMAND" >&2' ERR
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="${FIRKIN_CACHE_DIR:-$HOME/.firkin/cache}"
@@ -34,8 +36,11 @@ firkin_guest() {
     fi
 }
 
+# Prints the installed version of a package, or nothing. dpkg-query exits 1 for a package this
+# machine has never seen (a fresh machine has never seen qemu-system-x86): under `pipefail` that
+# status would end the whole set-up, silently, so it is read as "not installed".
 installed_version() {
-    dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null |
+    { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null || true; } |
         awk '$1 == "install" && $2 == "ok" && $3 == "installed" { print $4 }'
 }
 

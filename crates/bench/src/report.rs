@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::chart;
+use crate::idle::IdleCapacityRun;
 use crate::stats::Summary;
 use crate::suite::{CreateRun, FileRun, MemoryRun};
 
@@ -56,6 +57,8 @@ pub struct BenchResults {
     pub command_rtt_ms: Option<Summary>,
     pub files: Vec<FileRun>,
     pub memory: Option<MemoryRun>,
+    #[serde(default)]
+    pub idle_capacity: Option<IdleCapacityRun>,
     pub floors: Floors,
     pub notes: Vec<String>,
 }
@@ -266,6 +269,14 @@ impl BenchResults {
                 mem.mem_available_delta_mib_per_sandbox,
                 verdict(per <= 40.0)
             );
+            let _ = writeln!(
+                md,
+                "| ≤ 1 % of a host core per idle sandbox | {:.2} % ({} VMMs over {:.0} s) | {} |",
+                mem.idle_cpu_percent_per_sandbox,
+                mem.processes_measured,
+                mem.cpu_window_s,
+                verdict(mem.idle_cpu_percent_per_sandbox <= 1.0)
+            );
         }
         if let (Some(r), Some(c)) = (&self.floors.bare_restore_ms, &self.floors.cold_boot_ms) {
             let _ = writeln!(
@@ -320,6 +331,30 @@ impl BenchResults {
                 md,
                 "\n![memory per sandbox]({chart_dir}/memory-per-sandbox.svg)"
             );
+            let _ = writeln!(
+                md,
+                "\nIdle CPU: {:.2} % of one host core per sandbox (the VMMs' user+system time over {:.0} s).",
+                mem.idle_cpu_percent_per_sandbox, mem.cpu_window_s
+            );
+        }
+        if let Some(cap) = &self.idle_capacity {
+            let _ = writeln!(md, "\n### Idle sandboxes before a create's p50 doubles\n");
+            let held = match (cap.doubled_at, &cap.stopped_by) {
+                (Some(n), _) => format!("p50 doubled at **{n}** idle sandboxes"),
+                (None, Some(why)) => format!(
+                    "not doubled up to {} idle sandboxes; stopped: {why}",
+                    cap.steps.last().map_or(0, |s| s.0)
+                ),
+                (None, None) => format!("not doubled up to {} idle sandboxes", cap.max_idle),
+            };
+            let _ = writeln!(
+                md,
+                "Create p50 with none idle: {:.1} ms; {held}.\n\n| idle sandboxes | create p50 (ms) |\n|---|---|",
+                cap.baseline_p50_ms
+            );
+            for (n, p50) in &cap.steps {
+                let _ = writeln!(md, "| {n} | {p50:.1} |");
+            }
         }
         for n in &self.notes {
             let _ = writeln!(md, "\n> {n}");

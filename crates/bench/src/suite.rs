@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use crate::client::{Api, ClientError, EnvdTarget};
+use crate::idle::{cpu_percent_each, qemu_pids};
 use crate::mem::{ProcessMemory, mem_available_kib};
 use crate::stats::Summary;
 
@@ -196,32 +197,16 @@ pub struct MemoryRun {
     /// Σpss / Σrss over the sandbox VMMs: below 1 means pages are shared between clones.
     pub sharing_ratio: f64,
     pub processes_measured: usize,
+    /// Mean share of one host core each idle sandbox's VMM used over `cpu_window_s`, in
+    /// percent (from the VMMs' user+system time).
+    #[serde(default)]
+    pub idle_cpu_percent_per_sandbox: f64,
+    #[serde(default)]
+    pub cpu_window_s: f64,
 }
 
-/// PIDs of `qemu-system-*` processes whose parent is `parent` (or all of them).
-pub fn qemu_pids(parent: Option<u32>) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                return false;
-            };
-            // Fields after the parenthesised command: state, ppid, ...
-            let Some((comm, rest)) = stat.split_once(") ") else {
-                return false;
-            };
-            let ppid = rest
-                .split_whitespace()
-                .nth(1)
-                .and_then(|p| p.parse::<u32>().ok());
-            comm.contains("qemu-system") && parent.is_none_or(|p| ppid == Some(p))
-        })
-        .collect()
-}
-
-/// Creates `n` sandboxes, lets them settle, and measures what they cost the host.
+/// Creates `n` sandboxes, lets them settle, and measures what they cost the host: memory, and
+/// CPU over a further `settle` window.
 pub async fn idle_memory(
     api: &Api,
     template: &str,
@@ -257,6 +242,7 @@ pub async fn idle_memory(
         .iter()
         .filter_map(|p| ProcessMemory::of_pid(*p).ok())
         .collect();
+    let idle_cpu = cpu_percent_each(&pids, settle).await;
     for c in &created {
         let _ = api.kill(&c.sandbox_id).await;
     }
@@ -274,5 +260,7 @@ pub async fn idle_memory(
             / 1024.0,
         sharing_ratio: if rss > 0.0 { pss / rss } else { 0.0 },
         processes_measured: mems.len(),
+        idle_cpu_percent_per_sandbox: idle_cpu,
+        cpu_window_s: settle.as_secs_f64(),
     })
 }

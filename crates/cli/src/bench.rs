@@ -11,8 +11,9 @@ use firkin_runtime::FirkinPaths;
 use firkin_runtime::qemu::{GUEST_PORTS, envd_ready};
 use firkin_vmm::{BootRequest, RestoreRequest, Snapshot, Vm};
 
-/// Measure create latency, time to interactive, command round trip, file throughput and
-/// memory per sandbox against a `firkin serve` (started here unless --url is given), plus the
+/// Measure create latency, time to interactive, command round trip, file throughput, memory
+/// and idle CPU per sandbox, and how many idle sandboxes the host holds before a create's p50
+/// doubles, against a `firkin serve` (started here unless --url is given), plus the
 /// floors: a bare QEMU restore and a cold boot of the same template, and host-mode firkin-envd.
 ///
 /// Writes results.json and SVG charts into --out, prints the BENCHMARKS.md section, and with
@@ -43,6 +44,13 @@ pub struct BenchArgs {
     memory_sandboxes: usize,
     #[arg(long)]
     skip_memory: bool,
+    /// Most idle sandboxes the idle-capacity run adds (step by step, until a create's p50
+    /// doubles); 0 skips it.
+    #[arg(long, default_value_t = 60)]
+    idle_max: usize,
+    /// Idle sandboxes added per step of the idle-capacity run.
+    #[arg(long, default_value_t = 10)]
+    idle_step: usize,
     /// Fewer samples everywhere (a smoke run; below the protocol's n ≥ 10×c).
     #[arg(long)]
     quick: bool,
@@ -389,6 +397,24 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         match suite::idle_memory(&api, &args.template, n, parent, Duration::from_secs(10)).await {
             Ok(m) => res.memory = Some(m),
             Err(e) => res.notes.push(format!("memory run failed: {e}")),
+        }
+    }
+    let idle_max = scale(args.idle_max, args.idle_max.min(20));
+    if idle_max > 0 {
+        log(&format!("idle capacity: up to {idle_max} idle sandboxes"));
+        let settle = Duration::from_secs(if args.quick { 3 } else { 5 });
+        match firkin_bench::idle::idle_capacity(
+            &api,
+            &args.template,
+            args.idle_step,
+            idle_max,
+            scale(5, 3),
+            settle,
+        )
+        .await
+        {
+            Ok(r) => res.idle_capacity = Some(r),
+            Err(e) => res.notes.push(format!("idle capacity run failed: {e}")),
         }
     }
     if let Some(s) = server {

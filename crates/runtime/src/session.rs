@@ -35,6 +35,13 @@ pub struct EnvdInit {
 }
 
 impl EnvdInit {
+    /// The host's wall clock now, as `/init` carries it.
+    pub fn now() -> String {
+        time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    }
+
     /// What every restore needs whoever asks: the wall clock now, 32 fresh random bytes for the
     /// guest kernel's RNG (clones share the snapshot's RNG state), and a hostname.
     pub fn fresh(hostname: &str) -> Self {
@@ -42,9 +49,7 @@ impl EnvdInit {
         let mut seed = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut seed);
         Self {
-            timestamp: time::OffsetDateTime::now_utc()
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
+            timestamp: Self::now(),
             entropy: base64::engine::general_purpose::STANDARD.encode(seed),
             hostname: Some(hostname.to_owned()),
             ..Self::default()

@@ -568,3 +568,128 @@ async fn no_agent_answers_another_guest_without_its_token() {
     rt.shutdown().await;
     assert!(qemus_under(&sandboxes).is_empty(), "QEMU left running");
 }
+
+/// `cmd` in the sandbox as root; its stdout.
+async fn root_sh(rt: &SandboxRuntime<QemuLauncher>, id: &str, token: &str, cmd: &str) -> String {
+    let addr = rt
+        .route(&SandboxId::new(id).unwrap(), 49983)
+        .expect("sandbox is routable");
+    let client = Client::new(&format!("http://{addr}"))
+        .unwrap()
+        .with_token(token);
+    let out = client
+        .exec("/bin/bash", &["-c", cmd], Some("root"))
+        .await
+        .unwrap_or_else(|e| panic!("{cmd:?} in {id}: {e}"));
+    assert_eq!(out.exit_code, 0, "{cmd:?} in {id}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn host_now_ns() -> i128 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos()
+}
+
+/// The guest's wall clock, read between two readings of the host's, is the host's ±50 ms.
+async fn assert_guest_clock_is_the_hosts(
+    rt: &SandboxRuntime<QemuLauncher>,
+    id: &str,
+    token: &str,
+    when: &str,
+) {
+    const SLACK_NS: i128 = 50_000_000;
+    let before = host_now_ns();
+    let guest: i128 = root_sh(rt, id, token, "date +%s%N").await.parse().unwrap();
+    let after = host_now_ns();
+    assert!(
+        guest >= before - SLACK_NS && guest <= after + SLACK_NS,
+        "{when}: guest clock {guest} outside host [{before}, {after}] ± 50 ms \
+         (off by {} ms)",
+        (guest - (before + after) / 2) / 1_000_000
+    );
+}
+
+/// Guest time under the accelerator this host has: a restored sandbox shows the host's wall
+/// clock, even though its template snapshot was taken earlier; so does a resumed one whose
+/// snapshot's clock was three hours behind; monotonic time never goes back across pause and
+/// resume; `sleep 1` takes a second; and the clock has sub-microsecond resolution (a TSC or
+/// kvm-clock clocksource, not jiffies' 4 ms steps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_time_is_the_hosts_and_fine_grained_across_restore_and_resume() {
+    let t = template().clone();
+    let (rt, sandboxes) = runtime("time");
+    let id = SandboxId::new("sbxt").unwrap();
+    rt.start(start("sbxt", SandboxSource::Template(t), "tok-t"))
+        .await
+        .unwrap();
+    assert_guest_clock_is_the_hosts(&rt, "sbxt", "tok-t", "after a restore").await;
+
+    let source = root_sh(
+        &rt,
+        "sbxt",
+        "tok-t",
+        "cat /sys/devices/system/clocksource/clocksource0/current_clocksource",
+    )
+    .await;
+    assert!(
+        source == "tsc" || source == "kvm-clock",
+        "clocksource {source}"
+    );
+    // The smallest positive step of perf_counter_ns in a tight loop.
+    let step: u64 = root_sh(
+        &rt,
+        "sbxt",
+        "tok-t",
+        "python3 -c 'import time\nm=10**12\nlast=time.perf_counter_ns()\nfor _ in range(100000):\n    n=time.perf_counter_ns()\n    if n>last:\n        m=min(m,n-last)\n    last=n\nprint(m)'",
+    )
+    .await
+    .parse()
+    .unwrap();
+    assert!(step < 1000, "perf_counter_ns steps by {step} ns");
+    let slept: f64 = root_sh(
+        &rt,
+        "sbxt",
+        "tok-t",
+        "python3 -c 'import time\nt=time.monotonic()\ntime.sleep(1)\nprint(time.monotonic()-t)'",
+    )
+    .await
+    .parse()
+    .unwrap();
+    assert!((0.95..=1.05).contains(&slept), "sleep 1 took {slept} s");
+    // And by the host's clock: the command round trip of `sleep 1` less that of `true`.
+    let host_elapsed = |started: std::time::Instant| started.elapsed().as_secs_f64();
+    let s = std::time::Instant::now();
+    root_sh(&rt, "sbxt", "tok-t", "true").await;
+    let baseline = host_elapsed(s);
+    let s = std::time::Instant::now();
+    root_sh(&rt, "sbxt", "tok-t", "sleep 1").await;
+    let host_slept = host_elapsed(s) - baseline;
+    assert!(
+        (0.95..=1.05).contains(&host_slept),
+        "sleep 1 took {host_slept} s by the host's clock"
+    );
+
+    // A snapshot whose clock is hours off: set the guest three hours back, then pause.
+    root_sh(
+        &rt,
+        "sbxt",
+        "tok-t",
+        "date -s @$(( $(date +%s) - 10800 )) >/dev/null",
+    )
+    .await;
+    let mono = "python3 -c 'import time; print(time.clock_gettime_ns(time.CLOCK_MONOTONIC))'";
+    let mono_before: u128 = root_sh(&rt, "sbxt", "tok-t", mono).await.parse().unwrap();
+    let snap_dir = run_root().join("time-snapshot");
+    let paused = rt.pause(&id, &snap_dir).await.expect("pause");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rt.start(start("sbxt", SandboxSource::Continuation(paused), "tok-t"))
+        .await
+        .expect("resume");
+    assert_guest_clock_is_the_hosts(&rt, "sbxt", "tok-t", "after a resume").await;
+    let mono_after: u128 = root_sh(&rt, "sbxt", "tok-t", mono).await.parse().unwrap();
+    assert!(
+        mono_after > mono_before,
+        "monotonic clock went back across pause/resume: {mono_before} -> {mono_after}"
+    );
+    rt.kill(&id).await.unwrap();
+    assert!(dir_is_empty(&sandboxes));
+}

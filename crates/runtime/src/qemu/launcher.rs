@@ -264,8 +264,12 @@ impl SandboxSession for QemuSession {
         if let Some(token) = self.auth().or_else(|| init.access_token.clone()) {
             client = client.with_token(token);
         }
+        // The clock is read now, not when the request was made: a create waits in the
+        // admission queue and for its restore (hundreds of ms under TCG) between the two, and a
+        // guest set to the request's time would run that far behind the host.
         let init = EnvdInit {
             mac_address: self.mac.clone(),
+            timestamp: EnvdInit::now(),
             ..init.clone()
         };
         let body = serde_json::to_value(&init).map_err(|e| err(e.to_string()))?;
