@@ -9,6 +9,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "axum")]
+mod api_error;
+#[cfg(feature = "axum")]
+pub use api_error::{ApiError, SHOULD_RETRY};
+
 /// Template used when a create request names none.
 pub const DEFAULT_TEMPLATE: &str = "base";
 /// Sandbox lifetime in seconds when a create request gives none.
