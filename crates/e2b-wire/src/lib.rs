@@ -9,6 +9,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "axum")]
+mod api_error;
+#[cfg(feature = "axum")]
+pub use api_error::{ApiError, SHOULD_RETRY};
+
 /// Template used when a create request names none.
 pub const DEFAULT_TEMPLATE: &str = "base";
 /// Sandbox lifetime in seconds when a create request gives none.
@@ -153,46 +158,6 @@ pub struct SandboxLifecycle {
     pub on_timeout: OnTimeout,
 }
 
-/// `GET /sandboxes/{id}` response (E2B's `SandboxDetail`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SandboxDetail {
-    #[serde(rename = "templateID")]
-    pub template_id: String,
-    #[serde(rename = "sandboxID")]
-    pub sandbox_id: String,
-    #[serde(rename = "clientID")]
-    pub client_id: String,
-    #[serde(rename = "startedAt")]
-    pub started_at: String,
-    #[serde(rename = "endAt")]
-    pub end_at: String,
-    #[serde(rename = "envdVersion")]
-    pub envd_version: String,
-    #[serde(rename = "cpuCount")]
-    pub cpu_count: u32,
-    #[serde(rename = "memoryMB")]
-    pub memory_mb: u64,
-    #[serde(rename = "diskSizeMB")]
-    pub disk_size_mb: u64,
-    pub state: SandboxState,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub alias: Option<String>,
-    #[serde(default)]
-    pub metadata: BTreeMap<String, String>,
-    #[serde(
-        rename = "envdAccessToken",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub envd_access_token: Option<String>,
-    #[serde(rename = "allowInternetAccess", default)]
-    pub allow_internet_access: Option<bool>,
-    #[serde(default)]
-    pub domain: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lifecycle: Option<SandboxLifecycle>,
-}
-
 /// One element of `GET /v2/sandboxes` (E2B's `ListedSandbox`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ListedSandbox {
@@ -219,6 +184,26 @@ pub struct ListedSandbox {
     pub alias: Option<String>,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+}
+
+/// `GET /sandboxes/{id}` response (E2B's `SandboxDetail`): the list view plus what only the
+/// sandbox's owner should see, in one flat JSON object.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SandboxDetail {
+    #[serde(flatten)]
+    pub listed: ListedSandbox,
+    #[serde(
+        rename = "envdAccessToken",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub envd_access_token: Option<String>,
+    #[serde(rename = "allowInternetAccess", default)]
+    pub allow_internet_access: Option<bool>,
+    #[serde(default)]
+    pub domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<SandboxLifecycle>,
 }
 
 /// `POST /sandboxes/{id}/timeout` body.
@@ -377,6 +362,46 @@ mod tests {
         assert_eq!(v["envdAccessToken"], "tok");
         assert!(v["trafficAccessToken"].is_null());
         assert!(v.get("alias").is_none());
+    }
+
+    #[test]
+    fn detail_is_the_listed_sandbox_flattened() {
+        let listed = ListedSandbox {
+            template_id: "base".into(),
+            sandbox_id: "abc".into(),
+            client_id: "firkin".into(),
+            started_at: "2030-01-01T00:00:00.000Z".into(),
+            end_at: "2030-01-01T00:05:00.000Z".into(),
+            envd_version: "0.6.4".into(),
+            cpu_count: 2,
+            memory_mb: 512,
+            disk_size_mb: 1024,
+            state: SandboxState::Running,
+            alias: Some("base".into()),
+            metadata: BTreeMap::from([("k".into(), "v".into())]),
+        };
+        let detail = SandboxDetail {
+            listed: listed.clone(),
+            envd_access_token: Some("tok".into()),
+            allow_internet_access: Some(true),
+            domain: None,
+            lifecycle: Some(SandboxLifecycle {
+                auto_resume: false,
+                on_timeout: OnTimeout::Kill,
+            }),
+        };
+        let text = serde_json::to_string(&detail).unwrap();
+        let listed_text = serde_json::to_string(&listed).unwrap();
+        // The listed keys first and in their order, then the owner's.
+        assert!(
+            text.starts_with(listed_text.trim_end_matches('}')),
+            "{text}"
+        );
+        assert!(text.ends_with(
+            r#","envdAccessToken":"tok","allowInternetAccess":true,"domain":null,"lifecycle":{"autoResume":false,"onTimeout":"kill"}}"#
+        ), "{text}");
+        let back: SandboxDetail = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, detail);
     }
 
     #[test]

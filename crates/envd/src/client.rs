@@ -228,14 +228,7 @@ impl Client {
         let (status, _, body) = self
             .fetch(Method::GET, "/health", &[], full(Bytes::new()))
             .await?;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(ClientError::Status {
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            })
-        }
+        success(status, &body)
     }
 
     /// Polls `/health` until it answers or `timeout` passes.
@@ -260,14 +253,7 @@ impl Client {
                 full(body.to_string()),
             )
             .await?;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(ClientError::Status {
-                status,
-                body: String::from_utf8_lossy(&resp).into_owned(),
-            })
-        }
+        success(status, &resp)
     }
 
     /// A unary Connect call with the JSON codec; returns the status and the JSON body.
@@ -383,5 +369,17 @@ impl Client {
             }
         }
         Ok(out)
+    }
+}
+
+/// Ok for a 2xx; otherwise the status and body as an error.
+fn success(status: StatusCode, body: &[u8]) -> Result<(), ClientError> {
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(ClientError::Status {
+            status,
+            body: String::from_utf8_lossy(body).into_owned(),
+        })
     }
 }

@@ -23,60 +23,42 @@ struct MountSpec {
     mode: u32,
 }
 
+const fn spec(
+    target: &'static str,
+    fstype: &'static str,
+    flags: MsFlags,
+    data: &'static str,
+    mode: u32,
+) -> MountSpec {
+    MountSpec {
+        target,
+        fstype,
+        flags,
+        data,
+        mode,
+    }
+}
+
+/// The kernel's own views (/proc, /sys): nothing on them is a device or runs.
+const KERNEL_VIEW: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+const NOSUID_NODEV: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
+
 const MOUNTS: &[MountSpec] = &[
-    MountSpec {
-        target: "/proc",
-        fstype: "proc",
-        flags: MsFlags::MS_NOSUID
-            .union(MsFlags::MS_NODEV)
-            .union(MsFlags::MS_NOEXEC),
-        data: "",
-        mode: 0o555,
-    },
-    MountSpec {
-        target: "/sys",
-        fstype: "sysfs",
-        flags: MsFlags::MS_NOSUID
-            .union(MsFlags::MS_NODEV)
-            .union(MsFlags::MS_NOEXEC),
-        data: "",
-        mode: 0o555,
-    },
-    MountSpec {
-        target: "/dev",
-        fstype: "devtmpfs",
-        flags: MsFlags::MS_NOSUID,
-        data: "mode=0755",
-        mode: 0o755,
-    },
-    MountSpec {
-        target: "/dev/pts",
-        fstype: "devpts",
-        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
-        data: "newinstance,ptmxmode=0666,mode=0620,gid=5",
-        mode: 0o755,
-    },
-    MountSpec {
-        target: "/dev/shm",
-        fstype: "tmpfs",
-        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
-        data: "mode=1777",
-        mode: 0o1777,
-    },
-    MountSpec {
-        target: "/run",
-        fstype: "tmpfs",
-        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
-        data: "mode=0755",
-        mode: 0o755,
-    },
-    MountSpec {
-        target: "/tmp",
-        fstype: "tmpfs",
-        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
-        data: "mode=1777",
-        mode: 0o1777,
-    },
+    spec("/proc", "proc", KERNEL_VIEW, "", 0o555),
+    spec("/sys", "sysfs", KERNEL_VIEW, "", 0o555),
+    spec("/dev", "devtmpfs", MsFlags::MS_NOSUID, "mode=0755", 0o755),
+    spec(
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        "newinstance,ptmxmode=0666,mode=0620,gid=5",
+        0o755,
+    ),
+    spec("/dev/shm", "tmpfs", NOSUID_NODEV, "mode=1777", 0o1777),
+    spec("/run", "tmpfs", NOSUID_NODEV, "mode=0755", 0o755),
+    spec("/tmp", "tmpfs", NOSUID_NODEV, "mode=1777", 0o1777),
 ];
 
 /// Mount points currently in use, from `/proc/self/mountinfo` (field 5).

@@ -108,14 +108,21 @@ impl AccountDb {
     }
 }
 
+/// The records of a colon-separated account file, comments skipped: each record's name and
+/// the fields after its password.
+fn records(text: &str) -> impl Iterator<Item = (&str, std::str::Split<'_, char>)> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let mut f = line.split(':');
+            let name = f.next()?;
+            let _password = f.next()?;
+            Some((name, f))
+        })
+}
+
 fn parse_passwd(text: &str) -> impl Iterator<Item = User> + '_ {
-    text.lines().filter_map(|line| {
-        if line.starts_with('#') {
-            return None;
-        }
-        let mut f = line.split(':');
-        let name = f.next()?;
-        let _password = f.next()?;
+    records(text).filter_map(|(name, mut f)| {
         let uid = f.next()?.parse().ok()?;
         let gid = f.next()?.parse().ok()?;
         let _gecos = f.next()?;
@@ -141,13 +148,7 @@ struct Group<'a> {
 }
 
 fn parse_group(text: &str) -> impl Iterator<Item = Group<'_>> {
-    text.lines().filter_map(|line| {
-        if line.starts_with('#') {
-            return None;
-        }
-        let mut f = line.split(':');
-        let name = f.next()?;
-        let _password = f.next()?;
+    records(text).filter_map(|(name, mut f)| {
         let gid = f.next()?.parse().ok()?;
         let members = f
             .next()

@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+
+pub use firkin_e2b_wire::ApiError;
 
 use crate::state::{Envd, Gate};
 
@@ -18,85 +19,6 @@ pub mod files;
 /// The envd version reported to clients. The SDK gates features on it; 0.6.4 unlocks all that
 /// firkin implements and nothing it does not.
 pub const ENVD_VERSION: &str = "0.6.4";
-
-/// An error answered as E2B's `{"code": <status>, "message": ...}` JSON.
-#[derive(Debug, thiserror::Error)]
-#[error("{status}: {message}")]
-pub struct ApiError {
-    /// HTTP status (also the JSON `code`).
-    pub status: StatusCode,
-    /// What went wrong.
-    pub message: String,
-}
-
-impl ApiError {
-    /// An error with the given status.
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-        }
-    }
-
-    /// 400.
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message)
-    }
-
-    /// 401.
-    pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, message)
-    }
-
-    /// 404.
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, message)
-    }
-
-    /// 500.
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
-    }
-
-    /// Maps a filesystem error on `what` to the status the SDK understands.
-    pub fn from_io(err: &std::io::Error, what: &str) -> Self {
-        use std::io::ErrorKind;
-        let status = match err.kind() {
-            ErrorKind::NotFound => StatusCode::NOT_FOUND,
-            ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
-            ErrorKind::StorageFull | ErrorKind::QuotaExceeded => StatusCode::INSUFFICIENT_STORAGE,
-            ErrorKind::IsADirectory
-            | ErrorKind::NotADirectory
-            | ErrorKind::InvalidInput
-            | ErrorKind::InvalidFilename
-            | ErrorKind::AlreadyExists => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        Self::new(status, format!("{what}: {err}"))
-    }
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    code: u16,
-    message: &'a str,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::to_vec(&ErrorBody {
-            code: self.status.as_u16(),
-            message: &self.message,
-        })
-        .unwrap_or_default();
-        (
-            self.status,
-            [(header::CONTENT_TYPE, "application/json")],
-            body,
-        )
-            .into_response()
-    }
-}
 
 /// Builds the complete envd service: plain HTTP routes, Connect RPC, and the token gate.
 pub fn router(envd: Arc<Envd>) -> Router {

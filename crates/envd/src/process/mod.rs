@@ -379,7 +379,12 @@ impl ProcessTable {
         let (exited_tx, exited_rx) = tokio::sync::watch::channel(false);
         let mut readers = Vec::new();
         if let Some(fd) = pty {
-            readers.push(tokio::spawn(read_pty(fd, hub.clone(), exited_rx.clone())));
+            readers.push(tokio::spawn(read_output(
+                Output::Pty(fd),
+                Source::Pty,
+                hub.clone(),
+                exited_rx.clone(),
+            )));
         } else {
             for (fd, source) in [
                 (child.stdout.take().map(OwnedFd::from), Source::Stdout),
@@ -387,8 +392,8 @@ impl ProcessTable {
             ] {
                 let Some(fd) = fd else { continue };
                 match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
-                    Ok(rx) => readers.push(tokio::spawn(read_pipe(
-                        rx,
+                    Ok(rx) => readers.push(tokio::spawn(read_output(
+                        Output::Pipe(rx),
                         source,
                         hub.clone(),
                         exited_rx.clone(),
@@ -451,9 +456,34 @@ fn end_of(exit: Exit) -> End {
     }
 }
 
-/// Reads until EOF, or, once the process has exited, until the pipe goes quiet.
-async fn read_pipe(
-    mut rx: tokio::net::unix::pipe::Receiver,
+/// Where a process's output is read from.
+enum Output {
+    Pipe(tokio::net::unix::pipe::Receiver),
+    /// A PTY master, where EIO (all slave ends closed) means EOF.
+    Pty(Arc<AsyncFd<OwnedFd>>),
+}
+
+impl Output {
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Output::Pipe(rx) => rx.read(buf).await,
+            Output::Pty(fd) => loop {
+                let mut guard = fd.readable().await?;
+                match guard.try_io(|inner| {
+                    nix::unistd::read(inner.get_ref().as_fd(), buf).map_err(io::Error::from)
+                }) {
+                    Ok(r) => return r,
+                    Err(_would_block) => continue,
+                }
+            },
+        }
+    }
+}
+
+/// Reads until EOF, or, once the process has exited, until the output goes quiet: a
+/// background child that inherited the pipe must not hold the stream open forever.
+async fn read_output(
+    mut output: Output,
     source: Source,
     hub: Arc<Hub>,
     mut exited: tokio::sync::watch::Receiver<bool>,
@@ -462,57 +492,7 @@ async fn read_pipe(
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     loop {
         hub.wait_for_room().await;
-        let read = async {
-            match drain_deadline {
-                None => tokio::select! {
-                    r = rx.read(&mut buf) => Some(r),
-                    _ = exited.wait_for(|e| *e) => None,
-                },
-                Some(deadline) => {
-                    let limit = tokio::time::Instant::now() + DRAIN_IDLE;
-                    match tokio::time::timeout_at(limit.min(deadline), rx.read(&mut buf)).await {
-                        Ok(r) => Some(r),
-                        Err(_) => Some(Ok(0)),
-                    }
-                }
-            }
-        };
-        match read.await {
-            None => {
-                drain_deadline = Some(tokio::time::Instant::now() + DRAIN_MAX);
-            }
-            Some(Ok(0)) => break,
-            Some(Ok(n)) => hub.push(source, Bytes::copy_from_slice(&buf[..n])),
-            Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "output pipe read failed");
-                break;
-            }
-        }
-    }
-}
-
-/// Like [`read_pipe`] for a PTY master, where EIO (all slave ends closed) means EOF.
-async fn read_pty(
-    fd: Arc<AsyncFd<OwnedFd>>,
-    hub: Arc<Hub>,
-    mut exited: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut buf = vec![0u8; READ_CHUNK];
-    let mut drain_deadline: Option<tokio::time::Instant> = None;
-    loop {
-        hub.wait_for_room().await;
-        let read_once = async {
-            loop {
-                let mut guard = fd.readable().await?;
-                match guard.try_io(|inner| {
-                    nix::unistd::read(inner.get_ref().as_fd(), &mut buf).map_err(io::Error::from)
-                }) {
-                    Ok(r) => return r,
-                    Err(_would_block) => continue,
-                }
-            }
-        };
+        let read_once = output.read(&mut buf);
         let result = match drain_deadline {
             None => tokio::select! {
                 r = read_once => Some(r),
@@ -529,11 +509,15 @@ async fn read_pty(
         match result {
             None => drain_deadline = Some(tokio::time::Instant::now() + DRAIN_MAX),
             Some(Ok(0)) => break,
-            Some(Ok(n)) => hub.push(Source::Pty, Bytes::copy_from_slice(&buf[..n])),
+            Some(Ok(n)) => hub.push(source, Bytes::copy_from_slice(&buf[..n])),
             Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-            Some(Err(e)) => {
-                // EIO: the last slave fd is closed, the terminal is gone.
+            // EIO: the last slave fd is closed, the terminal is gone.
+            Some(Err(e)) if source == Source::Pty => {
                 tracing::trace!(error = %e, "pty read ended");
+                break;
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "output pipe read failed");
                 break;
             }
         }

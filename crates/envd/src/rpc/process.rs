@@ -13,7 +13,7 @@ use futures::{Stream, StreamExt};
 
 use super::{keepalive_interval, request_user};
 use crate::process::hub::{Item, Source, Subscription};
-use crate::process::{Config, DEFAULT_PATH, ProcessError, Selector, SpawnRequest};
+use crate::process::{Config, DEFAULT_PATH, Proc, ProcessError, Selector, SpawnRequest};
 use crate::process_proto::__buffa::oneof::process_event::{Event, data_event::Output};
 use crate::process_proto::__buffa::oneof::process_input::Input;
 use crate::process_proto::__buffa::oneof::process_selector::Selector as PbSelector;
@@ -38,6 +38,14 @@ impl ProcessService {
     /// Serves processes of `envd`.
     pub fn new(envd: Arc<Envd>) -> Self {
         Self { envd }
+    }
+
+    /// The process `sel` names; a finished one only with `include_finished`.
+    fn find(&self, sel: &Selector, include_finished: bool) -> Result<Arc<Proc>, ConnectError> {
+        self.envd
+            .processes
+            .find(sel, include_finished)
+            .map_err(process_error)
     }
 }
 
@@ -117,6 +125,15 @@ fn event_stream(pid: u32, sub: Subscription, keepalive: Duration) -> EventStream
     Box::pin(start.chain(rest))
 }
 
+/// Answers with `events`, each wrapped in the call's response message.
+fn respond<T: Send + 'static>(
+    events: EventStream,
+    wrap: fn(ProcessEvent) -> T,
+) -> ServiceResult<ServiceStream<T>> {
+    let stream: ServiceStream<T> = Box::pin(events.map(move |e| Ok(wrap(e))));
+    Response::ok(stream)
+}
+
 impl Process for ProcessService {
     async fn list<'a>(
         &'a self,
@@ -154,20 +171,12 @@ impl Process for ProcessService {
         request: ServiceRequest<'_, ConnectRequest>,
     ) -> ServiceResult<ServiceStream<impl Encodable<ConnectResponse> + Send + use<>>> {
         let req = request.to_owned_message();
-        let sel = selector(req.process.as_option())?;
-        let proc = self
-            .envd
-            .processes
-            .find(&sel, true)
-            .map_err(process_error)?;
+        let proc = self.find(&selector(req.process.as_option())?, true)?;
         let events = event_stream(proc.pid, proc.hub.subscribe(), keepalive_interval(&ctx));
-        let stream: ServiceStream<ConnectResponse> = Box::pin(events.map(|e| {
-            Ok(ConnectResponse {
-                event: e.into(),
-                ..Default::default()
-            })
-        }));
-        Response::ok(stream)
+        respond(events, |e| ConnectResponse {
+            event: e.into(),
+            ..Default::default()
+        })
     }
 
     async fn start(
@@ -234,13 +243,10 @@ impl Process for ProcessService {
             .map_err(process_error)?;
         tracing::debug!(pid = proc.pid, cmd = %proc.config.cmd, "started process");
         let events = event_stream(proc.pid, sub, keepalive_interval(&ctx));
-        let stream: ServiceStream<StartResponse> = Box::pin(events.map(|e| {
-            Ok(StartResponse {
-                event: e.into(),
-                ..Default::default()
-            })
-        }));
-        Response::ok(stream)
+        respond(events, |e| StartResponse {
+            event: e.into(),
+            ..Default::default()
+        })
     }
 
     async fn update<'a>(
@@ -249,12 +255,7 @@ impl Process for ProcessService {
         request: ServiceRequest<'_, UpdateRequest>,
     ) -> ServiceResult<impl Encodable<UpdateResponse> + Send + use<'a>> {
         let req = request.to_owned_message();
-        let sel = selector(req.process.as_option())?;
-        let proc = self
-            .envd
-            .processes
-            .find(&sel, false)
-            .map_err(process_error)?;
+        let proc = self.find(&selector(req.process.as_option())?, false)?;
         if let Some(size) = req.pty.as_option().and_then(|p| p.size.as_option()) {
             let cols = size.cols.clamp(1, u16::MAX as u32) as u16;
             let rows = size.rows.clamp(1, u16::MAX as u32) as u16;
@@ -273,13 +274,7 @@ impl Process for ProcessService {
             let msg = msg?.to_owned_message();
             match msg.event {
                 Some(InputEvent::Start(start)) => {
-                    let sel = selector(start.process.as_option())?;
-                    target = Some(
-                        self.envd
-                            .processes
-                            .find(&sel, false)
-                            .map_err(process_error)?,
-                    );
+                    target = Some(self.find(&selector(start.process.as_option())?, false)?);
                 }
                 Some(InputEvent::Data(data)) => {
                     let Some(proc) = &target else {
@@ -301,12 +296,7 @@ impl Process for ProcessService {
         request: ServiceRequest<'_, SendInputRequest>,
     ) -> ServiceResult<impl Encodable<SendInputResponse> + Send + use<'a>> {
         let req = request.to_owned_message();
-        let sel = selector(req.process.as_option())?;
-        let proc = self
-            .envd
-            .processes
-            .find(&sel, false)
-            .map_err(process_error)?;
+        let proc = self.find(&selector(req.process.as_option())?, false)?;
         write_input(&proc, req.input.as_option()).await?;
         Response::ok(SendInputResponse::default())
     }
@@ -328,11 +318,7 @@ impl Process for ProcessService {
                 )));
             }
         };
-        let proc = self
-            .envd
-            .processes
-            .find(&sel, false)
-            .map_err(process_error)?;
+        let proc = self.find(&sel, false)?;
         match proc.signal(signal) {
             Ok(()) => Response::ok(SendSignalResponse::default()),
             Err(nix::errno::Errno::ESRCH) => Err(ConnectError::not_found(format!(
@@ -352,12 +338,7 @@ impl Process for ProcessService {
         request: ServiceRequest<'_, CloseStdinRequest>,
     ) -> ServiceResult<impl Encodable<CloseStdinResponse> + Send + use<'a>> {
         let req = request.to_owned_message();
-        let sel = selector(req.process.as_option())?;
-        let proc = self
-            .envd
-            .processes
-            .find(&sel, false)
-            .map_err(process_error)?;
+        let proc = self.find(&selector(req.process.as_option())?, false)?;
         proc.close_stdin().await.map_err(process_error)?;
         Response::ok(CloseStdinResponse::default())
     }

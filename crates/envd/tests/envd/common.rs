@@ -3,7 +3,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Once;
 
 use base64::Engine;
-use firkin_envd::client::Client;
+use bytes::Bytes;
+use firkin_envd::client::{Client, EnvelopeStream, full};
+use http::{HeaderMap, Method, StatusCode};
 use serde_json::{Value, json};
 
 /// A running agent, killed when dropped.
@@ -90,6 +92,17 @@ pub fn ensure_user() {
     });
 }
 
+/// For tests that switch users: `None` (and a note) unless this runs as root; otherwise
+/// makes sure `user` exists and starts an agent with [`TOKEN`].
+pub async fn root_agent() -> Option<Agent> {
+    if !is_root() {
+        eprintln!("skipped: needs root to switch users");
+        return None;
+    }
+    ensure_user();
+    Some(Agent::with_token().await)
+}
+
 pub fn basic(user: &str) -> String {
     format!(
         "Basic {}",
@@ -113,4 +126,56 @@ pub fn scratch() -> tempfile::TempDir {
         .prefix("firkin-envd-test-")
         .tempdir_in("/tmp")
         .unwrap()
+}
+
+/// Sends a request that must get an answer.
+pub async fn send(
+    c: &Client,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> (StatusCode, HeaderMap, Bytes) {
+    c.fetch(method, path, headers, full(body)).await.unwrap()
+}
+
+/// `GET path` without a body.
+pub async fn get(c: &Client, path: &str) -> (StatusCode, HeaderMap, Bytes) {
+    send(c, Method::GET, path, &[], Bytes::new()).await
+}
+
+/// `POST path` of raw bytes, as the SDK uploads a file.
+pub async fn upload(
+    c: &Client,
+    path: &str,
+    body: impl Into<Bytes>,
+) -> (StatusCode, HeaderMap, Bytes) {
+    let headers = [("content-type", "application/octet-stream")];
+    send(c, Method::POST, path, &headers, body).await
+}
+
+/// A unary Connect call (`service/Method`) that must get an answer.
+pub async fn rpc(
+    c: &Client,
+    method: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Value) {
+    c.unary(method, body, headers).await.unwrap()
+}
+
+/// Asserts that a Connect call answered `status` with the Connect error `code`.
+#[track_caller]
+pub fn assert_rpc_error(status: StatusCode, v: &Value, want: StatusCode, code: &str) {
+    assert_eq!((status, v["code"].as_str()), (want, Some(code)), "{v}");
+}
+
+/// Opens a server-streaming Connect call that must open.
+pub async fn open_stream(
+    c: &Client,
+    method: &str,
+    msg: &Value,
+    headers: &[(&str, &str)],
+) -> EnvelopeStream {
+    c.server_stream(method, msg, headers).await.unwrap()
 }

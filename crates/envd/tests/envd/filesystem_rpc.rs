@@ -8,10 +8,13 @@ use serde_json::{Value, json};
 use crate::common::*;
 
 async fn call(a: &Agent, method: &str, body: Value) -> (StatusCode, Value) {
-    a.client
-        .unary(&format!("filesystem.Filesystem/{method}"), &body, &[])
-        .await
-        .unwrap()
+    rpc(
+        &a.client,
+        &format!("filesystem.Filesystem/{method}"),
+        &body,
+        &[],
+    )
+    .await
 }
 
 #[tokio::test]
@@ -21,10 +24,7 @@ async fn stat_make_dir_move_list_remove() {
     let d = dir.path().display().to_string();
 
     let (status, v) = call(&a, "Stat", json!({"path": format!("{d}/missing")})).await;
-    assert_eq!(
-        (status, v["code"].as_str()),
-        (StatusCode::NOT_FOUND, Some("not_found"))
-    );
+    assert_rpc_error(status, &v, StatusCode::NOT_FOUND, "not_found");
 
     let (status, v) = call(&a, "MakeDir", json!({"path": format!("{d}/a/b/c")})).await;
     assert_eq!(status, StatusCode::OK, "{v}");
@@ -32,10 +32,7 @@ async fn stat_make_dir_move_list_remove() {
     assert_eq!(v["entry"]["name"], "c");
     assert_eq!(v["entry"]["path"], format!("{d}/a/b/c"));
     let (status, v) = call(&a, "MakeDir", json!({"path": format!("{d}/a/b/c")})).await;
-    assert_eq!(
-        (status, v["code"].as_str()),
-        (StatusCode::CONFLICT, Some("already_exists"))
-    );
+    assert_rpc_error(status, &v, StatusCode::CONFLICT, "already_exists");
 
     std::fs::write(dir.path().join("a/f.txt"), "12345").unwrap();
     std::fs::set_permissions(
@@ -87,15 +84,9 @@ async fn stat_make_dir_move_list_remove() {
         ]
     );
     let (status, v) = call(&a, "ListDir", json!({"path": format!("{d}/a/f.txt")})).await;
-    assert_eq!(
-        (status, v["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_argument"))
-    );
+    assert_rpc_error(status, &v, StatusCode::BAD_REQUEST, "invalid_argument");
     let (status, v) = call(&a, "ListDir", json!({"path": format!("{d}/nope")})).await;
-    assert_eq!(
-        (status, v["code"].as_str()),
-        (StatusCode::NOT_FOUND, Some("not_found"))
-    );
+    assert_rpc_error(status, &v, StatusCode::NOT_FOUND, "not_found");
 
     let (status, v) = call(
         &a,
@@ -115,10 +106,7 @@ async fn stat_make_dir_move_list_remove() {
         json!({"source": format!("{d}/a"), "destination": format!("{d}/x")}),
     )
     .await;
-    assert_eq!(
-        (status, v["code"].as_str()),
-        (StatusCode::NOT_FOUND, Some("not_found"))
-    );
+    assert_rpc_error(status, &v, StatusCode::NOT_FOUND, "not_found");
 
     let (status, _) = call(&a, "Remove", json!({"path": format!("{d}/new")})).await;
     assert_eq!(status, StatusCode::OK);
@@ -127,10 +115,7 @@ async fn stat_make_dir_move_list_remove() {
     assert_eq!(status, StatusCode::OK, "removing a missing path succeeds");
 
     let (status, v) = call(&a, "Stat", json!({"path": ""})).await;
-    assert_eq!(
-        (status, v["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_argument"))
-    );
+    assert_rpc_error(status, &v, StatusCode::BAD_REQUEST, "invalid_argument");
 }
 
 #[tokio::test]
@@ -147,68 +132,35 @@ async fn paths_resolve_against_the_users_home() {
 
 #[tokio::test]
 async fn filesystem_as_another_user_is_checked_by_the_kernel() {
-    if !is_root() {
-        eprintln!("skipped: needs root to switch users");
+    let Some(a) = root_agent().await else {
         return;
-    }
-    ensure_user();
-    let a = Agent::with_token().await;
+    };
     let auth = basic("user");
     let h: [(&str, &str); 1] = [("authorization", &auth)];
-    let (status, v) = a
-        .client
-        .unary(
-            "filesystem.Filesystem/MakeDir",
-            &json!({"path": "/root/firkin-denied"}),
-            &h,
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, v["code"].as_str()),
-        (StatusCode::FORBIDDEN, Some("permission_denied")),
-        "{v}"
-    );
-    let (status, v) = a
-        .client
-        .unary(
-            "filesystem.Filesystem/ListDir",
-            &json!({"path": "/root"}),
-            &h,
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, v["code"].as_str()),
-        (StatusCode::FORBIDDEN, Some("permission_denied")),
-        "{v}"
-    );
-    let (status, v) = a
-        .client
-        .unary(
-            "filesystem.Filesystem/MakeDir",
-            &json!({"path": "~/firkin-mkdir-test"}),
-            &h,
-        )
-        .await
-        .unwrap();
+    for (method, path) in [("MakeDir", "/root/firkin-denied"), ("ListDir", "/root")] {
+        let method = format!("filesystem.Filesystem/{method}");
+        let (status, v) = rpc(&a.client, &method, &json!({ "path": path }), &h).await;
+        assert_rpc_error(status, &v, StatusCode::FORBIDDEN, "permission_denied");
+    }
+    let (status, v) = rpc(
+        &a.client,
+        "filesystem.Filesystem/MakeDir",
+        &json!({"path": "~/firkin-mkdir-test"}),
+        &h,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["entry"]["owner"], "user");
     assert_eq!(v["entry"]["path"], "/home/user/firkin-mkdir-test");
     std::fs::remove_dir("/home/user/firkin-mkdir-test").unwrap();
-    let (status, v) = a
-        .client
-        .unary(
-            "filesystem.Filesystem/Stat",
-            &json!({"path": "/tmp"}),
-            &[("authorization", &basic("nobody-firkin"))],
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, v["code"].as_str()),
-        (StatusCode::UNAUTHORIZED, Some("unauthenticated"))
-    );
+    let (status, v) = rpc(
+        &a.client,
+        "filesystem.Filesystem/Stat",
+        &json!({"path": "/tmp"}),
+        &[("authorization", &basic("nobody-firkin"))],
+    )
+    .await;
+    assert_rpc_error(status, &v, StatusCode::UNAUTHORIZED, "unauthenticated");
 }
 
 #[tokio::test]
@@ -216,15 +168,13 @@ async fn watch_dir_streams_start_then_events() {
     let a = Agent::with_token().await;
     let dir = scratch();
     let d = dir.path().display().to_string();
-    let mut s = a
-        .client
-        .server_stream(
-            "filesystem.Filesystem/WatchDir",
-            &json!({"path": d, "recursive": true, "includeEntry": true}),
-            &[("keepalive-ping-interval", "1")],
-        )
-        .await
-        .unwrap();
+    let mut s = open_stream(
+        &a.client,
+        "filesystem.Filesystem/WatchDir",
+        &json!({"path": d, "recursive": true, "includeEntry": true}),
+        &[("keepalive-ping-interval", "1")],
+    )
+    .await;
     let first = tokio::time::timeout(Duration::from_secs(5), s.next_json())
         .await
         .unwrap()
@@ -347,8 +297,5 @@ async fn polled_watchers_collect_events_until_removed() {
         );
     }
     let (status, v) = call(&a, "CreateWatcher", json!({"path": format!("{d}/missing")})).await;
-    assert_eq!(
-        (status, v["code"].as_str()),
-        (StatusCode::NOT_FOUND, Some("not_found"))
-    );
+    assert_rpc_error(status, &v, StatusCode::NOT_FOUND, "not_found");
 }

@@ -130,15 +130,7 @@ async fn assert_gated(client: &Client) {
     let wrong = client.clone().with_token("not-the-token");
     for c in [client, &wrong] {
         c.health().await.unwrap();
-        let (status, _, _) = c
-            .fetch(
-                http::Method::GET,
-                "/envs",
-                &[],
-                firkin_envd::client::full(bytes::Bytes::new()),
-            )
-            .await
-            .unwrap();
+        let (status, _, _) = get(c, "/envs").await;
         assert_eq!(status.as_u16(), 401);
         assert_eq!(
             status_of(c.init(&json!({"accessToken": "mine"})).await),
@@ -338,14 +330,13 @@ async fn guest_mode_as_pid1_in_namespaces() {
     assert!(zombies.is_empty(), "zombies left: {zombies:?}");
 
     // PTYs work on the fresh devpts instance.
-    let mut s = c
-        .server_stream(
-            "process.Process/Start",
-            &json!({"process": {"cmd": "/bin/tty"}, "pty": {"size": {"cols": 80, "rows": 24}}}),
-            &[],
-        )
-        .await
-        .unwrap();
+    let mut s = open_stream(
+        &c,
+        "process.Process/Start",
+        &json!({"process": {"cmd": "/bin/tty"}, "pty": {"size": {"cols": 80, "rows": 24}}}),
+        &[],
+    )
+    .await;
     let mut pty = vec![];
     while let Some(v) = s.next_json().await.unwrap() {
         pty.extend(unb64(&v["event"]["data"]["pty"]));
@@ -370,14 +361,13 @@ async fn guest_mode_as_pid1_in_namespaces() {
     process_start_waits_for_machine_setup(&c, init_pid).await;
 
     // A long-running process, then SIGTERM to envd (PID 1 inside).
-    let mut long = c
-        .server_stream(
-            "process.Process/Start",
-            &json!({"process": {"cmd": "/bin/sleep", "args": ["300"]}}),
-            &[],
-        )
-        .await
-        .unwrap();
+    let mut long = open_stream(
+        &c,
+        "process.Process/Start",
+        &json!({"process": {"cmd": "/bin/sleep", "args": ["300"]}}),
+        &[],
+    )
+    .await;
     long.next_json().await.unwrap();
     let mut ns = ns.0.take().unwrap();
     nix::sys::signal::kill(

@@ -2,7 +2,9 @@
 
 use std::os::unix::fs::MetadataExt;
 
-use firkin_envd::client::{Client, full};
+use bytes::Bytes;
+use firkin_envd::client::Client;
+use firkin_envd::http::files::SigningOp;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -11,11 +13,7 @@ use crate::common::*;
 #[tokio::test]
 async fn health_is_open_even_with_a_token() {
     let a = Agent::with_token().await;
-    let (status, headers, body) = a
-        .anon
-        .fetch(Method::GET, "/health", &[], full(""))
-        .await
-        .unwrap();
+    let (status, headers, body) = get(&a.anon, "/health").await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(headers["x-envd-version"], "0.6.4");
     assert!(body.is_empty());
@@ -33,15 +31,14 @@ async fn token_is_enforced_everywhere_but_health() {
             (Method::POST, "/process.Process/List"),
             (Method::POST, "/filesystem.Filesystem/Stat"),
         ] {
-            let (status, headers, body) = client
-                .fetch(
-                    method.clone(),
-                    path,
-                    &[("content-type", "application/json")],
-                    full("{}"),
-                )
-                .await
-                .unwrap();
+            let (status, headers, body) = send(
+                client,
+                method.clone(),
+                path,
+                &[("content-type", "application/json")],
+                "{}",
+            )
+            .await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
             assert_eq!(headers["content-type"], "application/json");
             let v: Value = serde_json::from_slice(&body).unwrap();
@@ -49,11 +46,7 @@ async fn token_is_enforced_everywhere_but_health() {
             assert!(v["message"].as_str().unwrap().contains("token"));
         }
     }
-    let (status, _, body) = a
-        .client
-        .fetch(Method::GET, "/envs", &[], full(""))
-        .await
-        .unwrap();
+    let (status, _, body) = get(&a.client, "/envs").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         serde_json::from_slice::<Value>(&body).unwrap(),
@@ -72,39 +65,24 @@ async fn init_with_a_token_set_needs_that_token_and_can_rotate_it() {
         .unwrap_err();
     assert!(err.to_string().contains("401"), "{err}");
     a.client.health().await.unwrap();
-    let (status, _, _) = a
-        .client
-        .fetch(Method::GET, "/envs", &[], full(""))
-        .await
-        .unwrap();
+    let (status, _, _) = get(&a.client, "/envs").await;
     assert_eq!(status, StatusCode::OK);
     // With it, the token can be rotated.
     a.client
         .init(&json!({"accessToken": "rotated"}))
         .await
         .unwrap();
-    let (status, _, _) = a
-        .client
-        .fetch(Method::GET, "/envs", &[], full(""))
-        .await
-        .unwrap();
+    let (status, _, _) = get(&a.client, "/envs").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let rotated = a.anon.clone().with_token("rotated");
-    let (status, _, _) = rotated
-        .fetch(Method::GET, "/envs", &[], full(""))
-        .await
-        .unwrap();
+    let (status, _, _) = get(&rotated, "/envs").await;
     assert_eq!(status, StatusCode::OK);
 }
 
 #[tokio::test]
 async fn init_answers_204_with_version_and_rejects_bad_input_without_changes() {
     let a = Agent::start();
-    let (status, headers, _) = a
-        .anon
-        .fetch(Method::POST, "/init", &[], full(""))
-        .await
-        .unwrap();
+    let (status, headers, _) = send(&a.anon, Method::POST, "/init", &[], "").await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(headers["x-envd-version"], "0.6.4");
 
@@ -115,21 +93,13 @@ async fn init_answers_204_with_version_and_rejects_bad_input_without_changes() {
         json!({"defaultUser": "no-such-user-firkin", "accessToken": "t"}).to_string(),
         json!({"envVars": ["not", "an", "object"]}).to_string(),
     ] {
-        let (status, _, body) = a
-            .anon
-            .fetch(Method::POST, "/init", &[], full(bad.clone()))
-            .await
-            .unwrap();
+        let (status, _, body) = send(&a.anon, Method::POST, "/init", &[], bad.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["code"], 400);
     }
     // None of the rejected requests set the token.
-    let (status, _, _) = a
-        .anon
-        .fetch(Method::GET, "/envs", &[], full(""))
-        .await
-        .unwrap();
+    let (status, _, _) = get(&a.anon, "/envs").await;
     assert_eq!(status, StatusCode::OK);
 }
 
@@ -162,11 +132,7 @@ async fn init_sets_env_defaults_timestamp_and_entropy() {
 #[tokio::test]
 async fn metrics_report_cpu_memory_and_disk() {
     let a = Agent::start();
-    let (status, _, body) = a
-        .anon
-        .fetch(Method::GET, "/metrics", &[], full(""))
-        .await
-        .unwrap();
+    let (status, _, body) = get(&a.anon, "/metrics").await;
     assert_eq!(status, StatusCode::OK);
     let v: Value = serde_json::from_slice(&body).unwrap();
     for key in [
@@ -188,7 +154,8 @@ async fn metrics_report_cpu_memory_and_disk() {
     assert!(v["cpu_count"].as_u64().unwrap() >= 1);
 }
 
-fn multipart(parts: &[(&str, &str, &[u8])]) -> (String, Vec<u8>) {
+/// `POST /files` of a multipart form, as the SDK uploads several files.
+async fn upload_multipart(c: &Client, parts: &[(&str, &str, &[u8])]) -> (StatusCode, Bytes) {
     let boundary = "firkin-test-boundary-7d1f";
     let mut body = Vec::new();
     for (name, filename, data) in parts {
@@ -202,7 +169,9 @@ fn multipart(parts: &[(&str, &str, &[u8])]) -> (String, Vec<u8>) {
         body.extend_from_slice(b"\r\n");
     }
     body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    let (status, _, resp) = send(c, Method::POST, "/files", &[("content-type", &ct)], body).await;
+    (status, resp)
 }
 
 #[tokio::test]
@@ -212,16 +181,15 @@ async fn files_multipart_uses_the_raw_filename_as_full_path() {
     let p1 = dir.path().join("a/b/one.txt");
     let p2 = dir.path().join("two \"quoted\".txt");
     let escaped = p2.to_str().unwrap().replace('"', "%22");
-    let (ct, body) = multipart(&[
-        ("file", p1.to_str().unwrap(), b"first"),
-        ("other", "/tmp/ignored", b"skip me"),
-        ("file", &escaped, b"second"),
-    ]);
-    let (status, _, resp) = a
-        .client
-        .fetch(Method::POST, "/files", &[("content-type", &ct)], full(body))
-        .await
-        .unwrap();
+    let (status, resp) = upload_multipart(
+        &a.client,
+        &[
+            ("file", p1.to_str().unwrap(), b"first"),
+            ("other", "/tmp/ignored", b"skip me"),
+            ("file", &escaped, b"second"),
+        ],
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
     let v: Value = serde_json::from_slice(&resp).unwrap();
     assert_eq!(
@@ -239,15 +207,14 @@ async fn files_multipart_uses_the_raw_filename_as_full_path() {
     );
 
     // Two parts for one path is a client error.
-    let (ct, body) = multipart(&[
-        ("file", p1.to_str().unwrap(), b"x"),
-        ("file", p1.to_str().unwrap(), b"y"),
-    ]);
-    let (status, _, _) = a
-        .client
-        .fetch(Method::POST, "/files", &[("content-type", &ct)], full(body))
-        .await
-        .unwrap();
+    let (status, _) = upload_multipart(
+        &a.client,
+        &[
+            ("file", p1.to_str().unwrap(), b"x"),
+            ("file", p1.to_str().unwrap(), b"y"),
+        ],
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
@@ -258,27 +225,21 @@ async fn files_raw_gzip_download_and_errors() {
     let path = dir.path().join("raw.bin");
     let q = format!("/files?path={}", path.display());
     let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-    let (status, _, resp) = a
-        .client
-        .fetch(
-            Method::POST,
-            &q,
-            &[
-                ("content-type", "application/octet-stream"),
-                ("x-metadata-Owner-Team", "infra"),
-            ],
-            full(data.clone()),
-        )
-        .await
-        .unwrap();
+    let (status, _, resp) = send(
+        &a.client,
+        Method::POST,
+        &q,
+        &[
+            ("content-type", "application/octet-stream"),
+            ("x-metadata-Owner-Team", "infra"),
+        ],
+        data.clone(),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
     let v: Value = serde_json::from_slice(&resp).unwrap();
     assert_eq!(v[0]["path"], path.to_str().unwrap());
-    let (status, headers, body) = a
-        .client
-        .fetch(Method::GET, &q, &[], full(""))
-        .await
-        .unwrap();
+    let (status, headers, body) = get(&a.client, &q).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["content-length"], data.len().to_string().as_str());
     assert_eq!(body.as_ref(), data.as_slice());
@@ -288,19 +249,17 @@ async fn files_raw_gzip_download_and_errors() {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     std::io::Write::write_all(&mut enc, b"unzipped text").unwrap();
     let gz = enc.finish().unwrap();
-    let (status, _, _) = a
-        .client
-        .fetch(
-            Method::POST,
-            &format!("/files?path={}", gz_path.display()),
-            &[
-                ("content-type", "application/octet-stream"),
-                ("content-encoding", "gzip"),
-            ],
-            full(gz),
-        )
-        .await
-        .unwrap();
+    let (status, _, _) = send(
+        &a.client,
+        Method::POST,
+        &format!("/files?path={}", gz_path.display()),
+        &[
+            ("content-type", "application/octet-stream"),
+            ("content-encoding", "gzip"),
+        ],
+        gz,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(std::fs::read(&gz_path).unwrap(), b"unzipped text");
 
@@ -366,11 +325,7 @@ async fn files_raw_gzip_download_and_errors() {
         if path.contains("gz.txt") {
             headers.push(("content-encoding", "gzip"));
         }
-        let (status, _, resp) = a
-            .client
-            .fetch(method.clone(), &path, &headers, full(body))
-            .await
-            .unwrap();
+        let (status, _, resp) = send(&a.client, method.clone(), &path, &headers, body).await;
         assert_eq!(
             status,
             want,
@@ -389,83 +344,60 @@ async fn files_signed_urls_are_verified() {
     let path = dir.path().join("s.txt");
     std::fs::write(&path, "signed").unwrap();
     let p = path.to_str().unwrap();
-    let sig = firkin_envd::http::files::sign(
-        p,
-        firkin_envd::http::files::SigningOp::Read,
-        "",
-        TOKEN,
-        None,
-    );
-    let url = format!("/files?path={p}&signature={}", urlencode(&sig));
-    let (status, _, body) = a
-        .anon
-        .fetch(Method::GET, &url, &[], full(""))
-        .await
-        .unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let (past, future) = ((now - 5).to_string(), (now + 60).to_string());
+    let read = signed_url(p, p, SigningOp::Read, None);
+    let (status, _, body) = get(&a.anon, &read).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body.as_ref(), b"signed");
-    // Signed for reading, so not for writing.
-    let (status, _, _) = a
-        .anon
-        .fetch(
+    for (what, method, url, want) in [
+        (
+            "read-signed write",
             Method::POST,
-            &url,
-            &[("content-type", "application/octet-stream")],
-            full("x"),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    // Another path, or an expired signature.
-    let other = format!("/files?path={p}x&signature={}", urlencode(&sig));
-    let (status, _, _) = a
-        .anon
-        .fetch(Method::GET, &other, &[], full(""))
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let past = (time::OffsetDateTime::now_utc().unix_timestamp() - 5).to_string();
-    let sig = firkin_envd::http::files::sign(
-        p,
-        firkin_envd::http::files::SigningOp::Read,
+            read.clone(),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "another path",
+            Method::GET,
+            signed_url(&format!("{p}x"), p, SigningOp::Read, None),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "expired",
+            Method::GET,
+            signed_url(p, p, SigningOp::Read, Some(&past)),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "write-signed write",
+            Method::POST,
+            signed_url(p, p, SigningOp::Write, Some(&future)),
+            StatusCode::OK,
+        ),
+    ] {
+        let headers = [("content-type", "application/octet-stream")];
+        let (status, _, _) = send(&a.anon, method, &url, &headers, "rewritten").await;
+        assert_eq!(status, want, "{what}");
+        let now = std::fs::read(&path).unwrap();
+        let changed = want == StatusCode::OK;
+        assert_eq!(now == b"rewritten", changed, "{what}");
+    }
+}
+
+/// A `/files` URL for `path`, carrying a signature made for `signed_path`.
+fn signed_url(path: &str, signed_path: &str, op: SigningOp, expires: Option<&str>) -> String {
+    let sig = urlencode(&firkin_envd::http::files::sign(
+        signed_path,
+        op,
         "",
         TOKEN,
-        Some(&past),
-    );
-    let url = format!(
-        "/files?path={p}&signature={}&signature_expiration={past}",
-        urlencode(&sig)
-    );
-    let (status, _, _) = a
-        .anon
-        .fetch(Method::GET, &url, &[], full(""))
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let future = (time::OffsetDateTime::now_utc().unix_timestamp() + 60).to_string();
-    let sig = firkin_envd::http::files::sign(
-        p,
-        firkin_envd::http::files::SigningOp::Write,
-        "",
-        TOKEN,
-        Some(&future),
-    );
-    let url = format!(
-        "/files?path={p}&signature={}&signature_expiration={future}",
-        urlencode(&sig)
-    );
-    let (status, _, _) = a
-        .anon
-        .fetch(
-            Method::POST,
-            &url,
-            &[("content-type", "application/octet-stream")],
-            full("rewritten"),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(std::fs::read(&path).unwrap(), b"rewritten");
+        expires,
+    ));
+    match expires {
+        None => format!("/files?path={path}&signature={sig}"),
+        Some(e) => format!("/files?path={path}&signature={sig}&signature_expiration={e}"),
+    }
 }
 
 fn urlencode(s: &str) -> String {
@@ -476,24 +408,17 @@ fn urlencode(s: &str) -> String {
 
 #[tokio::test]
 async fn files_as_user_get_its_ownership_and_its_permissions() {
-    if !is_root() {
-        eprintln!("skipped: needs root to switch users");
+    let Some(a) = root_agent().await else {
         return;
-    }
-    ensure_user();
-    let a = Agent::with_token().await;
+    };
     let dir = format!("/home/user/firkin-envd-test-{}", std::process::id());
     let path = format!("{dir}/sub/owned.txt");
-    let (status, _, _) = a
-        .client
-        .fetch(
-            Method::POST,
-            &format!("/files?path={path}&username=user"),
-            &[("content-type", "application/octet-stream")],
-            full("mine"),
-        )
-        .await
-        .unwrap();
+    let (status, _, _) = upload(
+        &a.client,
+        &format!("/files?path={path}&username=user"),
+        "mine",
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     let user = firkin_envd::users::AccountDb::default()
         .by_name("user")
@@ -503,16 +428,12 @@ async fn files_as_user_get_its_ownership_and_its_permissions() {
         assert_eq!((m.uid(), m.gid()), (user.uid, user.gid), "{p}");
     }
     // `user` may neither write into /root nor read root-only files.
-    let (status, _, body) = a
-        .client
-        .fetch(
-            Method::POST,
-            "/files?path=/root/firkin-denied.txt&username=user",
-            &[("content-type", "application/octet-stream")],
-            full("no"),
-        )
-        .await
-        .unwrap();
+    let (status, _, body) = upload(
+        &a.client,
+        "/files?path=/root/firkin-denied.txt&username=user",
+        "no",
+    )
+    .await;
     assert_eq!(
         status,
         StatusCode::FORBIDDEN,
@@ -520,31 +441,17 @@ async fn files_as_user_get_its_ownership_and_its_permissions() {
         String::from_utf8_lossy(&body)
     );
     assert!(!std::path::Path::new("/root/firkin-denied.txt").exists());
-    let (status, _, _) = a
-        .client
-        .fetch(
-            Method::GET,
-            "/files?path=/etc/shadow&username=user",
-            &[],
-            full(""),
-        )
-        .await
-        .unwrap();
+    let (status, _, _) = get(&a.client, "/files?path=/etc/shadow&username=user").await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     // Relative paths resolve against the user's home.
-    let (status, _, body) = a
-        .client
-        .fetch(
-            Method::GET,
-            &format!(
-                "/files?path=firkin-envd-test-{}/sub/owned.txt&username=user",
-                std::process::id()
-            ),
-            &[],
-            full(""),
-        )
-        .await
-        .unwrap();
+    let (status, _, body) = get(
+        &a.client,
+        &format!(
+            "/files?path=firkin-envd-test-{}/sub/owned.txt&username=user",
+            std::process::id()
+        ),
+    )
+    .await;
     assert_eq!((status, body.as_ref()), (StatusCode::OK, b"mine".as_ref()));
     std::fs::remove_dir_all(&dir).unwrap();
     a.client.health().await.unwrap();

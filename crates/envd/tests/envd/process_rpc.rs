@@ -22,6 +22,15 @@ async fn next_event(s: &mut EnvelopeStream) -> Value {
         .expect("stream still open")
 }
 
+/// Starts a process and reads its `start` event; returns the stream and the pid.
+async fn start(a: &Agent, msg: &Value, headers: &[(&str, &str)]) -> (EnvelopeStream, u64) {
+    let mut s = open_stream(&a.client, "process.Process/Start", msg, headers).await;
+    let pid = next_event(&mut s).await["event"]["start"]["pid"]
+        .as_u64()
+        .unwrap();
+    (s, pid)
+}
+
 /// Reads events until `end`; returns (stdout, stderr, pty, end).
 async fn collect(s: &mut EnvelopeStream) -> (Vec<u8>, Vec<u8>, Vec<u8>, Value) {
     let (mut out, mut err, mut pty) = (vec![], vec![], vec![]);
@@ -118,33 +127,22 @@ async fn env_cwd_and_absent_stdin_field() {
         },
     });
     // No "stdin" field: stdin stays open, so `cat` waits for input.
-    let mut s = a
-        .client
-        .server_stream("process.Process/Start", &msg, &[])
-        .await
-        .unwrap();
-    let pid = next_event(&mut s).await["event"]["start"]["pid"]
-        .as_u64()
-        .unwrap();
-    let (status, _) = a
-        .client
-        .unary(
-            "process.Process/SendInput",
-            &json!({"process": {"pid": pid}, "input": {"stdin": b64(b"typed\n")}}),
-            &[],
-        )
-        .await
-        .unwrap();
+    let (mut s, pid) = start(&a, &msg, &[]).await;
+    let (status, _) = rpc(
+        &a.client,
+        "process.Process/SendInput",
+        &json!({"process": {"pid": pid}, "input": {"stdin": b64(b"typed\n")}}),
+        &[],
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _) = a
-        .client
-        .unary(
-            "process.Process/CloseStdin",
-            &json!({"process": {"pid": pid}}),
-            &[],
-        )
-        .await
-        .unwrap();
+    let (status, _) = rpc(
+        &a.client,
+        "process.Process/CloseStdin",
+        &json!({"process": {"pid": pid}}),
+        &[],
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     let (out, _, _, end) = collect(&mut s).await;
     let home = firkin_envd::users::AccountDb::default()
@@ -173,14 +171,7 @@ async fn list_connect_by_pid_and_tag_replays_output_and_stream_input() {
         "tag": "my-cat",
         "stdin": true,
     });
-    let mut s = a
-        .client
-        .server_stream("process.Process/Start", &msg, &[])
-        .await
-        .unwrap();
-    let pid = next_event(&mut s).await["event"]["start"]["pid"]
-        .as_u64()
-        .unwrap();
+    let (s, pid) = start(&a, &msg, &[]).await;
     drop(s); // disconnect: the process keeps running
 
     // StreamInput: a client stream of envelopes ended by the end of the body.
@@ -207,16 +198,14 @@ async fn list_connect_by_pid_and_tag_replays_output_and_stream_input() {
             .to_string()
             .as_bytes(),
     ));
-    let (status, headers, resp) = a
-        .client
-        .fetch(
-            Method::POST,
-            "/process.Process/StreamInput",
-            &[("content-type", "application/connect+json")],
-            full(body),
-        )
-        .await
-        .unwrap();
+    let (status, headers, resp) = send(
+        &a.client,
+        Method::POST,
+        "/process.Process/StreamInput",
+        &[("content-type", "application/connect+json")],
+        body,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["content-type"], "application/connect+json");
     // Exactly one message and then the end-of-stream envelope.
@@ -225,11 +214,7 @@ async fn list_connect_by_pid_and_tag_replays_output_and_stream_input() {
         [envelope(0, b"{}"), envelope(2, b"{}")].concat().as_slice()
     );
 
-    let (status, list) = a
-        .client
-        .unary("process.Process/List", &json!({}), &[])
-        .await
-        .unwrap();
+    let (status, list) = rpc(&a.client, "process.Process/List", &json!({}), &[]).await;
     assert_eq!(status, StatusCode::OK);
     let entry = list["processes"]
         .as_array()
@@ -244,15 +229,13 @@ async fn list_connect_by_pid_and_tag_replays_output_and_stream_input() {
     assert_eq!(entry["config"]["cwd"], "/tmp");
 
     for selector in [json!({"pid": pid}), json!({"tag": "my-cat"})] {
-        let mut c = a
-            .client
-            .server_stream(
-                "process.Process/Connect",
-                &json!({"process": selector}),
-                &[],
-            )
-            .await
-            .unwrap();
+        let mut c = open_stream(
+            &a.client,
+            "process.Process/Connect",
+            &json!({"process": selector}),
+            &[],
+        )
+        .await;
         assert_eq!(next_event(&mut c).await["event"]["start"]["pid"], pid);
         // Output produced while nobody was attached is replayed.
         let mut got = vec![];
@@ -262,24 +245,20 @@ async fn list_connect_by_pid_and_tag_replays_output_and_stream_input() {
         }
     }
 
-    let mut c = a
-        .client
-        .server_stream(
-            "process.Process/Connect",
-            &json!({"process": {"pid": pid}}),
-            &[],
-        )
-        .await
-        .unwrap();
-    let (status, _) = a
-        .client
-        .unary(
-            "process.Process/SendSignal",
-            &json!({"process": {"pid": pid}, "signal": "SIGNAL_SIGKILL"}),
-            &[],
-        )
-        .await
-        .unwrap();
+    let mut c = open_stream(
+        &a.client,
+        "process.Process/Connect",
+        &json!({"process": {"pid": pid}}),
+        &[],
+    )
+    .await;
+    let (status, _) = rpc(
+        &a.client,
+        "process.Process/SendSignal",
+        &json!({"process": {"pid": pid}, "signal": "SIGNAL_SIGKILL"}),
+        &[],
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     let (out, _, _, end) = collect(&mut c).await;
     assert_eq!(out, b"one two\n");
@@ -309,7 +288,7 @@ async fn unknown_processes_are_not_found() {
             json!({"process": {"pid": 4_000_000}, "pty": {"size": {"cols": 1, "rows": 1}}}),
         ),
     ] {
-        let (status, v) = a.client.unary(method, &body, &[]).await.unwrap();
+        let (status, v) = rpc(&a.client, method, &body, &[]).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{method}: {v}");
         assert_eq!(v["code"], "not_found", "{method}: {v}");
     }
@@ -329,34 +308,25 @@ async fn unknown_processes_are_not_found() {
         }
     }
     // A selector is required.
-    let (status, v) = a
-        .client
-        .unary(
-            "process.Process/SendSignal",
-            &json!({"signal": "SIGNAL_SIGKILL"}),
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, v["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_argument"))
-    );
+    let (status, v) = rpc(
+        &a.client,
+        "process.Process/SendSignal",
+        &json!({"signal": "SIGNAL_SIGKILL"}),
+        &[],
+    )
+    .await;
+    assert_rpc_error(status, &v, StatusCode::BAD_REQUEST, "invalid_argument");
 }
 
 #[tokio::test]
 async fn keepalives_flow_while_the_process_is_silent() {
     let a = Agent::with_token().await;
-    let mut s = a
-        .client
-        .server_stream(
-            "process.Process/Start",
-            &start_msg("sleep 2.5; echo done"),
-            &[("keepalive-ping-interval", "1")],
-        )
-        .await
-        .unwrap();
-    assert!(next_event(&mut s).await["event"]["start"].is_object());
+    let (mut s, _) = start(
+        &a,
+        &start_msg("sleep 2.5; echo done"),
+        &[("keepalive-ping-interval", "1")],
+    )
+    .await;
     let mut keepalives = 0;
     loop {
         let v = next_event(&mut s).await;
@@ -373,18 +343,12 @@ async fn keepalives_flow_while_the_process_is_silent() {
 #[tokio::test]
 async fn connect_timeout_bounds_the_process_lifetime() {
     let a = Agent::with_token().await;
-    let mut s = a
-        .client
-        .server_stream(
-            "process.Process/Start",
-            &start_msg("sleep 60"),
-            &[("connect-timeout-ms", "1000")],
-        )
-        .await
-        .unwrap();
-    let pid = next_event(&mut s).await["event"]["start"]["pid"]
-        .as_u64()
-        .unwrap();
+    let (mut s, pid) = start(
+        &a,
+        &start_msg("sleep 60"),
+        &[("connect-timeout-ms", "1000")],
+    )
+    .await;
     let started = std::time::Instant::now();
     // The stream ends (deadline_exceeded or end event), and the process is gone.
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(10), s.next_json())
@@ -410,25 +374,17 @@ async fn pty_input_output_and_resize() {
         "process": {"cmd": "/bin/bash", "args": ["-i", "-l"], "envs": {"TERM": "xterm-256color", "PS1": "$ "}},
         "pty": {"size": {"cols": 80, "rows": 24}},
     });
-    let mut s = a
-        .client
-        .server_stream("process.Process/Start", &msg, &[])
-        .await
-        .unwrap();
-    let pid = next_event(&mut s).await["event"]["start"]["pid"]
-        .as_u64()
-        .unwrap();
+    let (mut s, pid) = start(&a, &msg, &[]).await;
     let send = |data: &'static [u8]| {
         let c = a.client.clone();
         async move {
-            let (status, v) = c
-                .unary(
-                    "process.Process/SendInput",
-                    &json!({"process": {"pid": pid}, "input": {"pty": b64(data)}}),
-                    &[],
-                )
-                .await
-                .unwrap();
+            let (status, v) = rpc(
+                &c,
+                "process.Process/SendInput",
+                &json!({"process": {"pid": pid}, "input": {"pty": b64(data)}}),
+                &[],
+            )
+            .await;
             assert_eq!(status, StatusCode::OK, "{v}");
         }
     };
@@ -446,15 +402,13 @@ async fn pty_input_output_and_resize() {
     send(b"stty size; tty\n").await;
     wait_for(&mut s, &mut out, b"24 80").await;
     wait_for(&mut s, &mut out, b"/dev/pts/").await;
-    let (status, _) = a
-        .client
-        .unary(
-            "process.Process/Update",
-            &json!({"process": {"pid": pid}, "pty": {"size": {"cols": 120, "rows": 40}}}),
-            &[],
-        )
-        .await
-        .unwrap();
+    let (status, _) = rpc(
+        &a.client,
+        "process.Process/Update",
+        &json!({"process": {"pid": pid}, "pty": {"size": {"cols": 120, "rows": 40}}}),
+        &[],
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     send(b"stty size\n").await;
     wait_for(&mut s, &mut out, b"40 120").await;
@@ -463,36 +417,22 @@ async fn pty_input_output_and_resize() {
     assert_eq!(end["exitCode"], 5);
 
     // Resizing a process without a terminal is invalid.
-    let mut s = a
-        .client
-        .server_stream("process.Process/Start", &start_msg("sleep 5"), &[])
-        .await
-        .unwrap();
-    let pid = next_event(&mut s).await["event"]["start"]["pid"]
-        .as_u64()
-        .unwrap();
-    let (status, v) = a
-        .client
-        .unary(
-            "process.Process/Update",
-            &json!({"process": {"pid": pid}, "pty": {"size": {"cols": 1, "rows": 1}}}),
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, v["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_argument"))
-    );
-    let (status, _) = a
-        .client
-        .unary(
-            "process.Process/SendSignal",
-            &json!({"process": {"pid": pid}, "signal": "SIGNAL_SIGTERM"}),
-            &[],
-        )
-        .await
-        .unwrap();
+    let (mut s, pid) = start(&a, &start_msg("sleep 5"), &[]).await;
+    let (status, v) = rpc(
+        &a.client,
+        "process.Process/Update",
+        &json!({"process": {"pid": pid}, "pty": {"size": {"cols": 1, "rows": 1}}}),
+        &[],
+    )
+    .await;
+    assert_rpc_error(status, &v, StatusCode::BAD_REQUEST, "invalid_argument");
+    let (status, _) = rpc(
+        &a.client,
+        "process.Process/SendSignal",
+        &json!({"process": {"pid": pid}, "signal": "SIGNAL_SIGTERM"}),
+        &[],
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     let (_, _, _, end) = collect(&mut s).await;
     assert_eq!(end["status"], "signal: terminated");
@@ -500,24 +440,19 @@ async fn pty_input_output_and_resize() {
 
 #[tokio::test]
 async fn runs_as_the_requested_user() {
-    if !is_root() {
-        eprintln!("skipped: needs root to switch users");
+    let Some(a) = root_agent().await else {
         return;
-    }
-    ensure_user();
-    let a = Agent::with_token().await;
+    };
     let auth = basic("user");
-    let mut s = a
-        .client
-        .server_stream(
-            "process.Process/Start",
-            &start_msg(
-                "echo $(id -un):$(id -u):$HOME:$USER:$LOGNAME:$(pwd); touch /root/firkin-denied",
-            ),
-            &[("authorization", &auth)],
-        )
-        .await
-        .unwrap();
+    let mut s = open_stream(
+        &a.client,
+        "process.Process/Start",
+        &start_msg(
+            "echo $(id -un):$(id -u):$HOME:$USER:$LOGNAME:$(pwd); touch /root/firkin-denied",
+        ),
+        &[("authorization", &auth)],
+    )
+    .await;
     let (out, err, _, end) = collect(&mut s).await;
     assert_eq!(
         String::from_utf8(out).unwrap(),
@@ -597,16 +532,14 @@ async fn binary_codec_works_for_unary_and_streams() {
     assert!(dbg.contains("End("), "{dbg}");
     assert!(dbg.contains(&format!("{:?}", b"proto\n".to_vec())), "{dbg}");
 
-    let (status, _, body) = a
-        .client
-        .fetch(
-            Method::POST,
-            "/process.Process/List",
-            &[("content-type", "application/proto")],
-            full(Bytes::from(ListRequest::default().encode_to_vec())),
-        )
-        .await
-        .unwrap();
+    let (status, _, body) = send(
+        &a.client,
+        Method::POST,
+        "/process.Process/List",
+        &[("content-type", "application/proto")],
+        Bytes::from(ListRequest::default().encode_to_vec()),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     ListResponse::decode_from_slice(&body).unwrap();
 }

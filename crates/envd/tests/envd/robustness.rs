@@ -57,11 +57,7 @@ async fn malformed_requests_get_errors_and_the_agent_survives() {
         ),
     ];
     for (path, headers, body) in cases {
-        let (status, _, resp) = a
-            .client
-            .fetch(Method::POST, path, headers, full(body.clone()))
-            .await
-            .unwrap();
+        let (status, _, resp) = send(&a.client, Method::POST, path, headers, body.clone()).await;
         let text = String::from_utf8_lossy(&resp);
         if status == StatusCode::OK {
             // Streaming errors may come after a 200 in the end-of-stream envelope.
@@ -72,46 +68,24 @@ async fn malformed_requests_get_errors_and_the_agent_survives() {
         a.client.health().await.unwrap();
     }
     // Starting something that cannot run is invalid_argument, not a crash.
-    let (status, v) = a
-        .client
-        .fetch(
+    for process in [
+        json!({"cmd": "/no/such/binary"}),
+        json!({"cmd": "/bin/true", "cwd": "/no/such/dir"}),
+    ] {
+        let msg = json!({ "process": process }).to_string();
+        let (status, _, body) = send(
+            &a.client,
             Method::POST,
             "/process.Process/Start",
             &stream_ct,
-            full(envelope(
-                0,
-                json!({"process": {"cmd": "/no/such/binary"}})
-                    .to_string()
-                    .as_bytes(),
-            )),
+            envelope(0, msg.as_bytes()),
         )
-        .await
-        .map(|(s, _, b)| (s, String::from_utf8_lossy(&b).into_owned()))
-        .unwrap();
-    assert!(v.contains("invalid_argument"), "{status} {v}");
-    let (status, v) = a
-        .client
-        .fetch(
-            Method::POST,
-            "/process.Process/Start",
-            &stream_ct,
-            full(envelope(
-                0,
-                json!({"process": {"cmd": "/bin/true", "cwd": "/no/such/dir"}})
-                    .to_string()
-                    .as_bytes(),
-            )),
-        )
-        .await
-        .map(|(s, _, b)| (s, String::from_utf8_lossy(&b).into_owned()))
-        .unwrap();
-    assert!(v.contains("invalid_argument"), "{status} {v}");
+        .await;
+        let v = String::from_utf8_lossy(&body);
+        assert!(v.contains("invalid_argument"), "{status} {v}");
+    }
     // Unknown methods.
-    let (status, v) = a
-        .client
-        .unary("process.Process/Nope", &json!({}), &[])
-        .await
-        .unwrap();
+    let (status, v) = rpc(&a.client, "process.Process/Nope", &json!({}), &[]).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
     a.client.health().await.unwrap();
     let out = a.client.run("echo still alive").await.unwrap();
@@ -151,11 +125,7 @@ async fn huge_headers_and_garbage_connections_are_refused() {
         .unwrap();
     drop(raw);
     a.client.health().await.unwrap();
-    let (status, _, body) = a
-        .client
-        .fetch(Method::GET, "/envs", &[], full(""))
-        .await
-        .unwrap();
+    let (status, _, body) = get(&a.client, "/envs").await;
     assert_eq!(status, StatusCode::OK);
     let _: Value = serde_json::from_slice(&body).unwrap();
 }
@@ -163,15 +133,13 @@ async fn huge_headers_and_garbage_connections_are_refused() {
 #[tokio::test]
 async fn sigterm_stops_the_agent_and_its_processes() {
     let a = Agent::with_token().await;
-    let mut s = a
-        .client
-        .server_stream(
-            "process.Process/Start",
-            &json!({"process": {"cmd": "/bin/sleep", "args": ["300"]}, "stdin": false}),
-            &[],
-        )
-        .await
-        .unwrap();
+    let mut s = open_stream(
+        &a.client,
+        "process.Process/Start",
+        &json!({"process": {"cmd": "/bin/sleep", "args": ["300"]}, "stdin": false}),
+        &[],
+    )
+    .await;
     let v = s.next_json().await.unwrap().unwrap();
     let child = v["event"]["start"]["pid"].as_u64().unwrap();
     nix::sys::signal::kill(

@@ -202,33 +202,8 @@ fn listed_dto(r: &SandboxRecord) -> ListedSandbox {
 
 /// The detail view is the list view plus what only the sandbox's owner should see.
 fn detail_dto(app: &App, r: &SandboxRecord) -> SandboxDetail {
-    let ListedSandbox {
-        template_id,
-        sandbox_id,
-        client_id,
-        started_at,
-        end_at,
-        envd_version,
-        cpu_count,
-        memory_mb,
-        disk_size_mb,
-        state,
-        alias,
-        metadata,
-    } = listed_dto(r);
     SandboxDetail {
-        template_id,
-        sandbox_id,
-        client_id,
-        started_at,
-        end_at,
-        envd_version,
-        cpu_count,
-        memory_mb,
-        disk_size_mb,
-        state,
-        alias,
-        metadata,
+        listed: listed_dto(r),
         envd_access_token: Some(r.access_token.clone()),
         allow_internet_access: Some(true),
         domain: app.config.domain.clone(),

@@ -84,7 +84,7 @@ impl App {
                 remove_dir(&dir);
                 if self.rt.is_running(id) {
                     tracing::warn!(sandbox = %id, %err, "pause failed; sandbox keeps running");
-                    Err(ApiError::from_runtime(&err))
+                    Err(crate::error::from_runtime(&err))
                 } else {
                     tracing::warn!(sandbox = %id, %err, "pause failed and the sandbox is gone");
                     self.forget(id);
@@ -183,7 +183,7 @@ impl App {
             .await
             .map_err(|err| {
                 tracing::warn!(sandbox = %id, %err, "resume failed; sandbox stays paused");
-                ApiError::from_runtime(&err)
+                crate::error::from_runtime(&err)
             })?;
         record.end_ms = now_ms() + secs_ms(timeout.unwrap_or(record.timeout_secs));
         self.mark_running(record, started.pid, "resume").await?;

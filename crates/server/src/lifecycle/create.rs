@@ -101,7 +101,7 @@ impl App {
             Err(err) => {
                 tracing::warn!(sandbox = %sandbox_id, template = %template.template_id, %err, "create failed");
                 self.forget(&sandbox_id);
-                return Err(ApiError::from_runtime(&err));
+                return Err(crate::error::from_runtime(&err));
             }
         };
         // The lifetime starts when the sandbox is usable, not when the request arrived.
