@@ -134,6 +134,18 @@ fn start(id: &str, source: SandboxSource, token: &str) -> StartSandbox {
 }
 
 async fn sh(rt: &SandboxRuntime<QemuLauncher>, id: &str, token: &str, cmd: &str) -> (i32, String) {
+    sh_as(rt, id, token, None, cmd).await
+}
+
+/// `cmd` under bash in the sandbox as `user` (the agent's default user if `None`): its exit
+/// code and trimmed stdout.
+async fn sh_as(
+    rt: &SandboxRuntime<QemuLauncher>,
+    id: &str,
+    token: &str,
+    user: Option<&str>,
+    cmd: &str,
+) -> (i32, String) {
     let addr = rt
         .route(&SandboxId::new(id).unwrap(), 49983)
         .expect("sandbox is routable");
@@ -141,7 +153,7 @@ async fn sh(rt: &SandboxRuntime<QemuLauncher>, id: &str, token: &str, cmd: &str)
         .unwrap()
         .with_token(token);
     let out = client
-        .exec("/bin/bash", &["-c", cmd], None)
+        .exec("/bin/bash", &["-c", cmd], user)
         .await
         .unwrap_or_else(|e| panic!("{cmd:?} in {id}: {e}"));
     (
@@ -569,20 +581,11 @@ async fn no_agent_answers_another_guest_without_its_token() {
     assert!(qemus_under(&sandboxes).is_empty(), "QEMU left running");
 }
 
-/// `cmd` in the sandbox as root; its stdout.
+/// `cmd` in the sandbox as root; its stdout. It must succeed.
 async fn root_sh(rt: &SandboxRuntime<QemuLauncher>, id: &str, token: &str, cmd: &str) -> String {
-    let addr = rt
-        .route(&SandboxId::new(id).unwrap(), 49983)
-        .expect("sandbox is routable");
-    let client = Client::new(&format!("http://{addr}"))
-        .unwrap()
-        .with_token(token);
-    let out = client
-        .exec("/bin/bash", &["-c", cmd], Some("root"))
-        .await
-        .unwrap_or_else(|e| panic!("{cmd:?} in {id}: {e}"));
-    assert_eq!(out.exit_code, 0, "{cmd:?} in {id}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    let (code, out) = sh_as(rt, id, token, Some("root"), cmd).await;
+    assert_eq!(code, 0, "{cmd:?} in {id} exited {code}: {out}");
+    out
 }
 
 fn host_now_ns() -> i128 {
