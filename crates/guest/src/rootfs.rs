@@ -104,19 +104,16 @@ pub fn build_rootfs(
 ) -> Result<RootfsInfo> {
     let _ = std::fs::remove_dir_all(scratch);
     std::fs::create_dir_all(scratch).map_err(GuestError::io("creating", scratch))?;
-    let result = build_in(source, scratch, out, opts, progress);
+    let result = source_tree(source, scratch, progress)
+        .and_then(|tree| dir_to_ext4(&tree, out, opts, progress));
     let _ = std::fs::remove_dir_all(scratch);
     result
 }
 
-fn build_in(
-    source: &RootfsSource,
-    scratch: &Path,
-    out: &Path,
-    opts: &ImageOptions,
-    progress: ProgressFn<'_>,
-) -> Result<RootfsInfo> {
-    let tree = match source {
+/// The finished tree `source` gives: a directory source as it is, the others built under
+/// `scratch`.
+fn source_tree(source: &RootfsSource, scratch: &Path, progress: ProgressFn<'_>) -> Result<PathBuf> {
+    Ok(match source {
         RootfsSource::Directory { path } => path.clone(),
         RootfsSource::Debian {
             suite,
@@ -144,8 +141,7 @@ fn build_in(
             finish_tree(&tree)?;
             tree
         }
-    };
-    dir_to_ext4(&tree, out, opts, progress)
+    })
 }
 
 /// Version of what firkin does to a tree on top of its source ([`finish_tree`],
