@@ -108,6 +108,20 @@ fn summary_table<'a>(
     }
 }
 
+/// A target that a measured p50 stay within `factor` times its floor's, shown as both values
+/// in ms with `digits` decimals and their ratio.
+fn within_floor(md: &mut String, name: &str, (p50, floor): (f64, f64), digits: usize, factor: f64) {
+    target(
+        md,
+        name,
+        format!(
+            "{p50:.digits$} ms vs {floor:.digits$} ms = {}",
+            ratio(p50, floor)
+        ),
+        p50 <= factor * floor,
+    );
+}
+
 /// One row of the targets table: what was asked, what was measured, and whether it was met.
 fn target(md: &mut String, target: &str, measured: String, ok: bool) {
     let _ = writeln!(md, "| {target} | {measured} | {} |", verdict(ok));
@@ -264,16 +278,12 @@ impl BenchResults {
                 .and_then(|r| r.summary.as_ref())
         };
         if let (Some(r), Some(f)) = (c1("pool off"), &self.floors.bare_restore_ms) {
-            target(
+            within_floor(
                 md,
                 "create p50 ≤ 1.25× bare-QEMU floor, pool off",
-                format!(
-                    "{:.1} ms vs {:.1} ms = {}",
-                    r.p50,
-                    f.p50,
-                    ratio(r.p50, f.p50)
-                ),
-                r.p50 <= 1.25 * f.p50,
+                (r.p50, f.p50),
+                1,
+                1.25,
             );
         }
         if let Some(r) = c1("pool on") {
@@ -309,16 +319,12 @@ impl BenchResults {
             }
         }
         if let (Some(c), Some(h)) = (&self.command_rtt_ms, &self.floors.host_envd_rtt_ms) {
-            target(
+            within_floor(
                 md,
                 "command round trip p50 ≤ 2× host-mode envd",
-                format!(
-                    "{:.2} ms vs {:.2} ms = {}",
-                    c.p50,
-                    h.p50,
-                    ratio(c.p50, h.p50)
-                ),
-                c.p50 <= 2.0 * h.p50,
+                (c.p50, h.p50),
+                2,
+                2.0,
             );
         }
         if let Some(mem) = &self.memory {
