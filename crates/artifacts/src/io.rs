@@ -63,16 +63,37 @@ pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<
     })
 }
 
+/// Replacing a file atomically failed: in what the caller wrote, or in the temporary file,
+/// its fsync, the rename or the directory fsync around it.
+#[derive(Debug, thiserror::Error)]
+pub enum AtomicWriteError<E> {
+    #[error(transparent)]
+    Fill(E),
+    #[error("replacing the file atomically: {0}")]
+    Io(#[source] std::io::Error),
+}
+
 /// Replaces `path` with `bytes` so that a reader sees the old file or the new one, never a
-/// half-written one, even across a crash: a temporary sibling (unique, so concurrent writers
-/// of the same file do not collide) is written and fsynced, renamed over `path`, and the
-/// directory is fsynced so the rename itself is durable. On failure the temporary is removed.
+/// half-written one, even across a crash (see [`write_atomic_with`]).
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_with(path, |file, _| file.write_all(bytes)).map_err(|e| match e {
+        AtomicWriteError::Fill(e) | AtomicWriteError::Io(e) => e,
+    })
+}
+
+/// Replaces `path` with what `fill` writes into a temporary sibling, given open and by name
+/// (for tools that write a file by its path). The temporary (unique, so concurrent writers of
+/// the same file do not collide) is fsynced, renamed over `path`, and the directory is fsynced
+/// so the rename itself survives a crash. On any failure the temporary is removed.
+pub fn write_atomic_with<E>(
+    path: &Path,
+    fill: impl FnOnce(&mut File, &Path) -> Result<(), E>,
+) -> Result<(), AtomicWriteError<E>> {
     let Some(file_name) = path.file_name() else {
-        return Err(std::io::Error::new(
+        return Err(AtomicWriteError::Io(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "path has no file name",
-        ));
+        )));
     };
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -86,11 +107,17 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut tmp = tempfile::Builder::new()
         .prefix(&prefix)
         .permissions(Permissions::from_mode(0o666))
-        .tempfile_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    File::open(dir)?.sync_all()
+        .tempfile_in(dir)
+        .map_err(AtomicWriteError::Io)?;
+    let tmp_path = tmp.path().to_path_buf();
+    fill(tmp.as_file_mut(), &tmp_path).map_err(AtomicWriteError::Fill)?;
+    (|| {
+        // fsync works on the file, not the descriptor: it also covers what a tool wrote by name.
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        File::open(dir)?.sync_all()
+    })()
+    .map_err(AtomicWriteError::Io)
 }
 
 #[cfg(test)]
