@@ -24,6 +24,6 @@ mod sealed;
 
 pub use cache::{CacheLookup, DigestCache, FileDigest, FileIdentity, hash_file};
 pub use integrity::{IntegrityError, SnapshotArtifactIntegrity};
-pub use io::{SidecarError, sidecar_path};
+pub use io::{AtomicWriteError, SidecarError, sidecar_path, write_atomic_with, write_bytes_atomic};
 pub use manifest::{SnapshotArtifactKind, SnapshotArtifactManifest};
 pub use sealed::{ComponentDigest, SealError, SealedSnapshot};

@@ -77,45 +77,42 @@ impl Api {
         }
     }
 
+    /// Sends one request and reads the whole answer, timed from just before the request to the
+    /// last byte of the body, so every caller measures the same span.
     async fn send(
         &self,
         method: Method,
         url: String,
         headers: &[(&str, String)],
         body: Bytes,
-    ) -> Result<(StatusCode, Bytes), ClientError> {
+    ) -> Result<Reply, ClientError> {
+        let transport = |e: &dyn std::fmt::Display| ClientError::Transport {
+            method: method.clone(),
+            url: url.clone(),
+            reason: e.to_string(),
+        };
         let mut req = Request::builder().method(method.clone()).uri(&url);
         for (k, v) in headers {
             req = req.header(*k, v);
         }
-        let req = req
-            .body(Full::new(body))
-            .map_err(|e| ClientError::Transport {
-                method: method.clone(),
-                url: url.clone(),
-                reason: e.to_string(),
-            })?;
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| ClientError::Transport {
-                method: method.clone(),
-                url: url.clone(),
-                reason: e.to_string(),
-            })?;
+        let req = req.body(Full::new(body)).map_err(|e| transport(&e))?;
+        let started = Instant::now();
+        let resp = self.client.request(req).await.map_err(|e| transport(&e))?;
         let status = resp.status();
         let body = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| ClientError::Transport {
-                method: method.clone(),
-                url: url.clone(),
-                reason: e.to_string(),
-            })?
+            .map_err(|e| transport(&e))?
             .to_bytes();
-        Ok((status, body))
+        let elapsed = started.elapsed();
+        Ok(Reply {
+            method,
+            url,
+            status,
+            body,
+            elapsed,
+        })
     }
 
     fn cp_headers(&self) -> Vec<(&'static str, String)> {
@@ -129,72 +126,33 @@ impl Api {
     pub async fn create(&self, template: &str) -> Result<(Created, Duration), ClientError> {
         let url = format!("{}/v2/sandboxes", self.api_url);
         let body = serde_json::json!({"templateID": template, "metadata": {}, "envVars": {}});
-        let started = Instant::now();
-        let (status, bytes) = self
+        let reply = self
             .send(
                 Method::POST,
-                url.clone(),
+                url,
                 &self.cp_headers(),
                 Bytes::from(body.to_string()),
             )
-            .await?;
-        let elapsed = started.elapsed();
-        if status != StatusCode::CREATED {
-            return Err(ClientError::Status {
-                method: Method::POST,
-                url,
-                status,
-                body: String::from_utf8_lossy(&bytes).into_owned(),
-            });
-        }
-        let created: Created =
-            serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
-                url,
-                reason: e.to_string(),
-            })?;
-        Ok((created, elapsed))
+            .await?
+            .expect(&[StatusCode::CREATED])?;
+        Ok((reply.json()?, reply.elapsed))
     }
 
     pub async fn kill(&self, sandbox_id: &str) -> Result<(), ClientError> {
         let url = format!("{}/sandboxes/{sandbox_id}", self.api_url);
-        let (status, body) = self
-            .send(
-                Method::DELETE,
-                url.clone(),
-                &self.cp_headers(),
-                Bytes::new(),
-            )
-            .await?;
-        if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_FOUND {
-            Ok(())
-        } else {
-            Err(ClientError::Status {
-                method: Method::DELETE,
-                url,
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            })
-        }
+        self.send(Method::DELETE, url, &self.cp_headers(), Bytes::new())
+            .await?
+            .expect(&[StatusCode::NO_CONTENT, StatusCode::NOT_FOUND])?;
+        Ok(())
     }
 
     /// `GET /firkin/v1/status`, as JSON.
     pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
         let url = format!("{}/firkin/v1/status", self.api_url);
-        let (status, body) = self
-            .send(Method::GET, url.clone(), &self.cp_headers(), Bytes::new())
-            .await?;
-        if status != StatusCode::OK {
-            return Err(ClientError::Status {
-                method: Method::GET,
-                url,
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            });
-        }
-        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
-            url,
-            reason: e.to_string(),
-        })
+        self.send(Method::GET, url, &self.cp_headers(), Bytes::new())
+            .await?
+            .expect(&[StatusCode::OK])?
+            .json()
     }
 
     /// The sandbox-plane target of a created sandbox.
@@ -238,22 +196,15 @@ impl Api {
         frame.extend_from_slice(msg.as_bytes());
         let mut headers = Self::envd_headers(t, "application/connect+json");
         headers.push(("Connect-Protocol-Version", "1".into()));
-        let started = Instant::now();
-        let (status, body) = self
-            .send(Method::POST, url.clone(), &headers, Bytes::from(frame))
-            .await?;
-        let elapsed = started.elapsed();
-        if status != StatusCode::OK {
-            return Err(ClientError::Status {
-                method: Method::POST,
-                url,
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            });
-        }
-        let exit =
-            parse_process_stream(body).map_err(|reason| ClientError::Protocol { url, reason })?;
-        Ok((exit, elapsed))
+        let reply = self
+            .send(Method::POST, url, &headers, Bytes::from(frame))
+            .await?
+            .expect(&[StatusCode::OK])?;
+        let exit = parse_process_stream(reply.body).map_err(|reason| ClientError::Protocol {
+            url: reply.url,
+            reason,
+        })?;
+        Ok((exit, reply.elapsed))
     }
 
     /// `files.write` as raw octet-stream; returns elapsed time.
@@ -265,18 +216,11 @@ impl Api {
     ) -> Result<Duration, ClientError> {
         let url = format!("{}/files?path={}", t.base_url, encode(path));
         let headers = Self::envd_headers(t, "application/octet-stream");
-        let started = Instant::now();
-        let (status, body) = self.send(Method::POST, url.clone(), &headers, data).await?;
-        let elapsed = started.elapsed();
-        if status != StatusCode::OK {
-            return Err(ClientError::Status {
-                method: Method::POST,
-                url,
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            });
-        }
-        Ok(elapsed)
+        let reply = self
+            .send(Method::POST, url, &headers, data)
+            .await?
+            .expect(&[StatusCode::OK])?;
+        Ok(reply.elapsed)
     }
 
     /// `files.read` of `path`; returns the byte count and elapsed time.
@@ -287,20 +231,43 @@ impl Api {
     ) -> Result<(usize, Duration), ClientError> {
         let url = format!("{}/files?path={}", t.base_url, encode(path));
         let headers = Self::envd_headers(t, "application/octet-stream");
-        let started = Instant::now();
-        let (status, body) = self
-            .send(Method::GET, url.clone(), &headers, Bytes::new())
-            .await?;
-        let elapsed = started.elapsed();
-        if status != StatusCode::OK {
-            return Err(ClientError::Status {
-                method: Method::GET,
-                url,
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            });
+        let reply = self
+            .send(Method::GET, url, &headers, Bytes::new())
+            .await?
+            .expect(&[StatusCode::OK])?;
+        Ok((reply.body.len(), reply.elapsed))
+    }
+}
+
+/// One whole answer, with what is needed to name the request in an error.
+struct Reply {
+    method: Method,
+    url: String,
+    status: StatusCode,
+    body: Bytes,
+    elapsed: Duration,
+}
+
+impl Reply {
+    /// The reply itself when its status is one of `ok`, else a status error carrying the body.
+    fn expect(self, ok: &[StatusCode]) -> Result<Self, ClientError> {
+        if ok.contains(&self.status) {
+            Ok(self)
+        } else {
+            Err(ClientError::Status {
+                method: self.method,
+                url: self.url,
+                status: self.status,
+                body: String::from_utf8_lossy(&self.body).into_owned(),
+            })
         }
-        Ok((body.len(), elapsed))
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, ClientError> {
+        serde_json::from_slice(&self.body).map_err(|e| ClientError::Protocol {
+            url: self.url.clone(),
+            reason: e.to_string(),
+        })
     }
 }
 

@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::free_port;
+
+mod support;
+
 const KEY: &str = "e2b_cli_test_key_0123456789abcdef01234567";
 
 fn firkin() -> PathBuf {
@@ -27,14 +31,6 @@ fn envd() -> PathBuf {
         p.display()
     );
     p
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

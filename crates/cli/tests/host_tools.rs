@@ -2,38 +2,14 @@
 //! missing: doctor fails naming it and its package; serve refuses to start, at once, in one line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A directory of links to every program on `PATH` except `without`.
-fn path_without(dir: &Path, without: &str) -> PathBuf {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let path = std::env::var_os("PATH").unwrap();
-    for entry_dir in std::env::split_paths(&path) {
-        let Ok(entries) = std::fs::read_dir(&entry_dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let link = bin.join(&name);
-            if name == without || link.exists() {
-                continue;
-            }
-            let _ = std::os::unix::fs::symlink(e.path(), link);
-        }
-    }
-    bin
-}
+use firkin_guest::host_tools::path_without;
+use support::free_port;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod support;
 
 fn firkin(dir: &Path, path: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_firkin"));
@@ -66,7 +42,7 @@ fn doctor_qemu_img(dir: &Path, path: &Path) -> (bool, serde_json::Value) {
 #[test]
 fn doctor_fails_naming_the_missing_tool_and_its_package() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, check) = doctor_qemu_img(dir.path(), &path_without(dir.path(), "qemu-img"));
+    let (ok, check) = doctor_qemu_img(dir.path(), &path_without(dir.path(), "qemu-img").unwrap());
     assert!(!ok, "doctor passed without qemu-img");
     assert_eq!(check["status"], "fail");
     let detail = check["detail"].as_str().unwrap();
@@ -81,7 +57,7 @@ fn doctor_fails_naming_the_missing_tool_and_its_package() {
 #[test]
 fn serve_refuses_to_start_without_a_tool_creates_need() {
     let dir = tempfile::tempdir().unwrap();
-    let path = path_without(dir.path(), "qemu-img");
+    let path = path_without(dir.path(), "qemu-img").unwrap();
     let began = Instant::now();
     let out = firkin(dir.path(), &path)
         .args(["serve", "--no-default-template"])

@@ -44,6 +44,22 @@ impl GuestError {
         let path = path.into();
         move |source| GuestError::Io { op, path, source }
     }
+
+    /// Flattens a failed atomic replacement of `path`: the caller's own error as it was, the
+    /// temporary file's, rename's or fsync's I/O error as writing `path`.
+    pub(crate) fn atomic(
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(firkin_artifacts::AtomicWriteError<GuestError>) -> Self {
+        let path = path.into();
+        move |e| match e {
+            firkin_artifacts::AtomicWriteError::Fill(e) => e,
+            firkin_artifacts::AtomicWriteError::Io(source) => GuestError::Io {
+                op: "writing",
+                path,
+                source,
+            },
+        }
+    }
 }
 
 pub type Result<T, E = GuestError> = std::result::Result<T, E>;

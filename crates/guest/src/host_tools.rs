@@ -1,6 +1,6 @@
 //! Checks that the host programs in [`firkin_types::HOST_TOOLS`] are there and run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use firkin_types::{HOST_TOOLS, HostTool, ToolUse};
@@ -93,6 +93,33 @@ pub fn check_all(uses: &[ToolUse]) -> Vec<(&'static HostTool, Result<String, Hos
         .filter(|t| uses.contains(&t.needed_for))
         .map(|t| (t, check(t)))
         .collect()
+}
+
+/// A `bin` directory under `dir` of links to every program on `PATH` except `without`: a
+/// machine where only that one tool is missing, which is what the tests of this check and of
+/// `firkin doctor`/`serve` need to see the failure a user would.
+pub fn path_without(dir: &Path, without: &str) -> std::io::Result<PathBuf> {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for entry_dir in std::env::split_paths(&path) {
+        // PATH may name directories that do not exist; they hold nothing to link.
+        let Ok(entries) = std::fs::read_dir(&entry_dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let link = bin.join(&name);
+            // The first directory on PATH wins, as it would for the shell.
+            if name == without || link.exists() {
+                continue;
+            }
+            // A name already taken by an earlier, dangling link keeps that link: the shell
+            // would not find the later one either.
+            let _ = std::os::unix::fs::symlink(e.path(), link);
+        }
+    }
+    Ok(bin)
 }
 
 #[cfg(test)]

@@ -76,14 +76,19 @@ impl Writer {
     }
 }
 
-/// Writes the initramfs to `out` (atomically: a temporary file renamed into place).
+/// Writes the initramfs to `out` atomically (see [`firkin_artifacts::write_atomic_with`]).
 pub fn write_initramfs(spec: &InitramfsSpec, out: &Path) -> Result<()> {
-    let tmp = out.with_extension("tmp");
-    let file = File::create(&tmp).map_err(GuestError::io("creating", &tmp))?;
+    firkin_artifacts::write_atomic_with(out, |file, _| write_archive(spec, file, out))
+        .map_err(GuestError::atomic(out))
+}
+
+/// The cpio archive of `spec` into `file`; errors name `out`, the file being replaced.
+fn write_archive(spec: &InitramfsSpec, file: &File, out: &Path) -> Result<()> {
+    let file = file.try_clone().map_err(GuestError::io("writing", out))?;
     let mut w = Writer {
         out: std::io::BufWriter::new(file),
         ino: 0,
-        path: tmp.clone(),
+        path: out.to_path_buf(),
     };
     for dir in ["dev", "proc", "sys", "newroot", "run", "lib", "lib/firkin"] {
         w.entry(dir, S_IFDIR | 0o755, &[], None)?;
@@ -106,10 +111,9 @@ pub fn write_initramfs(spec: &InitramfsSpec, out: &Path) -> Result<()> {
         order.as_bytes(),
         None,
     )?;
-    let out_w = cpio::newc::trailer(w.out).map_err(GuestError::io("writing", &tmp))?;
-    let file = out_w
+    let out_w = cpio::newc::trailer(w.out).map_err(GuestError::io("writing", out))?;
+    out_w
         .into_inner()
-        .map_err(|e| GuestError::io("flushing", &tmp)(e.into_error()))?;
-    file.sync_all().map_err(GuestError::io("syncing", &tmp))?;
-    std::fs::rename(&tmp, out).map_err(GuestError::io("renaming", &tmp))
+        .map_err(|e| GuestError::io("flushing", out)(e.into_error()))?;
+    Ok(())
 }

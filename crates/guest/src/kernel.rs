@@ -230,9 +230,8 @@ fn fetch_into(dir: &Path, scratch: &Path, progress: ProgressFn<'_>) -> Result<Ke
     let manifest = dir.join(MANIFEST);
     let text = serde_json::to_string_pretty(&assets)
         .map_err(|e| GuestError::Kernel(format!("serialising manifest: {e}")))?;
-    let tmp = manifest.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(GuestError::io("writing", &tmp))?;
-    std::fs::rename(&tmp, &manifest).map_err(GuestError::io("renaming", &tmp))?;
+    firkin_artifacts::write_bytes_atomic(&manifest, text.as_bytes())
+        .map_err(GuestError::io("writing", &manifest))?;
     progress(&Progress::step(
         "kernel",
         format!("kernel {} ready", assets.version),

@@ -104,19 +104,16 @@ pub fn build_rootfs(
 ) -> Result<RootfsInfo> {
     let _ = std::fs::remove_dir_all(scratch);
     std::fs::create_dir_all(scratch).map_err(GuestError::io("creating", scratch))?;
-    let result = build_in(source, scratch, out, opts, progress);
+    let result = source_tree(source, scratch, progress)
+        .and_then(|tree| dir_to_ext4(&tree, out, opts, progress));
     let _ = std::fs::remove_dir_all(scratch);
     result
 }
 
-fn build_in(
-    source: &RootfsSource,
-    scratch: &Path,
-    out: &Path,
-    opts: &ImageOptions,
-    progress: ProgressFn<'_>,
-) -> Result<RootfsInfo> {
-    let tree = match source {
+/// The finished tree `source` gives: a directory source as it is, the others built under
+/// `scratch`.
+fn source_tree(source: &RootfsSource, scratch: &Path, progress: ProgressFn<'_>) -> Result<PathBuf> {
+    Ok(match source {
         RootfsSource::Directory { path } => path.clone(),
         RootfsSource::Debian {
             suite,
@@ -144,8 +141,7 @@ fn build_in(
             finish_tree(&tree)?;
             tree
         }
-    };
-    dir_to_ext4(&tree, out, opts, progress)
+    })
 }
 
 /// Version of what firkin does to a tree on top of its source ([`finish_tree`],
@@ -334,39 +330,35 @@ pub fn dir_to_ext4(
         total: Some(size),
         message: format!("{} MiB content → {} MiB image", content / mib, size / mib),
     });
-    let tmp = out.with_extension("partial");
-    let _ = std::fs::remove_file(&tmp);
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent).map_err(GuestError::io("creating", parent))?;
     }
-    let f = std::fs::File::create(&tmp).map_err(GuestError::io("creating", &tmp))?;
-    f.set_len(size).map_err(GuestError::io("sizing", &tmp))?;
-    drop(f);
-    let s = |x: &'static str| OsStr::new(x);
-    let label = OsString::from(&opts.label);
-    run(
-        "mkfs.ext4",
-        &[
-            s("-q"),
-            s("-F"),
-            s("-L"),
-            &label,
-            // No reserved blocks (there is no root daemon to protect), files owned as in the
-            // tree, and no discards on a file we just created sparse.
-            s("-m"),
-            s("0"),
-            s("-E"),
-            s("nodiscard"),
-            s("-d"),
-            dir.as_os_str(),
-            tmp.as_os_str(),
-        ],
-        None,
-    )?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(GuestError::io("syncing", &tmp))?;
-    std::fs::rename(&tmp, out).map_err(GuestError::io("renaming", &tmp))?;
+    firkin_artifacts::write_atomic_with(out, |file, tmp| {
+        file.set_len(size).map_err(GuestError::io("sizing", tmp))?;
+        let s = |x: &'static str| OsStr::new(x);
+        let label = OsString::from(&opts.label);
+        run(
+            "mkfs.ext4",
+            &[
+                s("-q"),
+                s("-F"),
+                s("-L"),
+                &label,
+                // No reserved blocks (there is no root daemon to protect), files owned as in the
+                // tree, and no discards on a file we just created sparse.
+                s("-m"),
+                s("0"),
+                s("-E"),
+                s("nodiscard"),
+                s("-d"),
+                dir.as_os_str(),
+                tmp.as_os_str(),
+            ],
+            None,
+        )?;
+        Ok(())
+    })
+    .map_err(GuestError::atomic(out))?;
     progress(&Progress {
         phase: "mkfs.ext4".into(),
         done: size,

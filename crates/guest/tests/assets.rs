@@ -59,6 +59,15 @@ fn small() -> ImageOptions {
     }
 }
 
+/// A small image at `image` from `source`, with `dir/scratch` as scratch and no progress.
+fn build_small(
+    dir: &Path,
+    source: RootfsSource,
+    image: &Path,
+) -> firkin_guest::Result<firkin_guest::RootfsInfo> {
+    firkin_guest::build_rootfs(&source, &dir.join("scratch"), image, &small(), &mut |_| {})
+}
+
 #[test]
 fn initramfs_has_init_envd_modules_and_console() {
     let dir = work_dir("initramfs");
@@ -158,29 +167,25 @@ fn directory_becomes_ext4_with_content_and_owners() {
 #[test]
 fn bad_source_is_refused_with_its_path() {
     let dir = work_dir("bad");
-    let err = firkin_guest::build_rootfs(
-        &RootfsSource::Directory {
-            path: dir.join("nope"),
-        },
-        &dir.join("scratch"),
-        &dir.join("x.img"),
-        &small(),
-        &mut |_| {},
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("nope"), "{err}");
-    let err = firkin_guest::build_rootfs(
-        &RootfsSource::Oci {
-            archive: dir.join("missing.tar"),
-        },
-        &dir.join("scratch"),
-        &dir.join("x.img"),
-        &small(),
-        &mut |_| {},
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("missing.tar"), "{err}");
-    assert!(!dir.join("x.img").exists(), "half-built image left behind");
+    let sources = [
+        (
+            RootfsSource::Directory {
+                path: dir.join("nope"),
+            },
+            "nope",
+        ),
+        (
+            RootfsSource::Oci {
+                archive: dir.join("missing.tar"),
+            },
+            "missing.tar",
+        ),
+    ];
+    for (source, named) in sources {
+        let err = build_small(&dir, source, &dir.join("x.img")).unwrap_err();
+        assert!(err.to_string().contains(named), "{err}");
+        assert!(!dir.join("x.img").exists(), "half-built image left behind");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -350,14 +355,7 @@ fn docker_save_archive_layers_and_whiteouts() {
     let archive = dir.join("image.tar");
     std::fs::write(&archive, docker_save_archive()).unwrap();
     let image = dir.join("root.img");
-    firkin_guest::build_rootfs(
-        &RootfsSource::Oci { archive },
-        &dir.join("scratch"),
-        &image,
-        &small(),
-        &mut |_| {},
-    )
-    .unwrap();
+    build_small(&dir, RootfsSource::Oci { archive }, &image).unwrap();
     check_layered_tree(&image);
     assert!(!dir.join("scratch").exists(), "scratch left behind");
     std::fs::remove_dir_all(dir).unwrap();
@@ -370,28 +368,15 @@ fn oci_layout_archive_layers_whiteouts_and_digests() {
     let archive = dir.join("image.tar");
     std::fs::write(&archive, oci_layout_archive(false)).unwrap();
     let image = dir.join("root.img");
-    firkin_guest::build_rootfs(
-        &RootfsSource::Oci {
-            archive: archive.clone(),
-        },
-        &dir.join("scratch"),
-        &image,
-        &small(),
-        &mut |_| {},
-    )
-    .unwrap();
+    let source = RootfsSource::Oci {
+        archive: archive.clone(),
+    };
+    build_small(&dir, source, &image).unwrap();
     check_layered_tree(&image);
 
     std::fs::write(&archive, oci_layout_archive(true)).unwrap();
     let bad = dir.join("bad.img");
-    let err = firkin_guest::build_rootfs(
-        &RootfsSource::Oci { archive },
-        &dir.join("scratch"),
-        &bad,
-        &small(),
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let err = build_small(&dir, RootfsSource::Oci { archive }, &bad).unwrap_err();
     assert!(err.to_string().contains("digest mismatch"), "{err}");
     assert!(!bad.exists());
     std::fs::remove_dir_all(dir).unwrap();

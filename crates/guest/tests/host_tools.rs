@@ -5,27 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// A directory of links to every program on `PATH` except `without`: a machine where only that
-/// one tool is missing.
-fn path_without(dir: &Path, without: &str) -> PathBuf {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let path = std::env::var_os("PATH").unwrap();
-    for entry_dir in std::env::split_paths(&path) {
-        let Ok(entries) = std::fs::read_dir(&entry_dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let link = bin.join(&name);
-            if name == without || link.exists() {
-                continue;
-            }
-            let _ = std::os::unix::fs::symlink(e.path(), link);
-        }
-    }
-    bin
-}
+use firkin_guest::host_tools::path_without;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -50,7 +30,7 @@ fn verify(path: &Path) -> (bool, String) {
 #[test]
 fn the_final_check_fails_naming_a_missing_tool_and_its_package() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, text) = verify(&path_without(dir.path(), "qemu-img"));
+    let (ok, text) = verify(&path_without(dir.path(), "qemu-img").unwrap());
     assert!(!ok, "the check passed without qemu-img:\n{text}");
     let line = text
         .lines()
