@@ -22,6 +22,8 @@ mod cube;
 mod disk;
 mod gates;
 mod paths;
+pub mod pids;
+pub mod process;
 pub mod qemu;
 mod restore;
 mod samples;
@@ -50,7 +52,8 @@ pub use restore::{
 pub use samples::{BenchmarkSample, SampleUnit};
 pub use service::{
     CapacityStatus, PausedSandbox, RuntimeConfig, RuntimeError, SNAPSHOT_DESCRIPTOR, SandboxExit,
-    SandboxRuntime, SandboxSource, StartSandbox, StartedSandbox, TemplateSnapshot,
+    SandboxRuntime, SandboxSource, StartSandbox, StartedSandbox, TemplateSealError,
+    TemplateSnapshot,
 };
 pub use session::{ContinuationSaved, EnvdInit, SandboxSession};
 pub use warm_pool::{WarmPoolFailure, WarmPoolStatus};

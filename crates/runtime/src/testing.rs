@@ -10,14 +10,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use firkin_admission::ResourceBudget;
-use firkin_artifacts::{
-    DigestCache, SealedSnapshot, SnapshotArtifactIntegrity, SnapshotArtifactKind,
-};
+use firkin_artifacts::DigestCache;
 use firkin_types::{Size, TemplateId};
 
 use crate::{
-    ContinuationSaved, EnvdInit, SNAPSHOT_DESCRIPTOR, SandboxSession, SnapshotRestoreRequest,
-    SnapshotSessionLauncher, TemplateSnapshot,
+    ContinuationSaved, EnvdInit, SandboxSession, SnapshotRestoreRequest, SnapshotSessionLauncher,
+    TemplateSnapshot,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -98,21 +96,15 @@ pub(crate) fn template(dir: &Path, build: &str) -> TemplateSnapshot {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("ram.img"), vec![3u8; 4096]).unwrap();
     let cache = DigestCache::in_memory().with_racy_window(Duration::ZERO);
-    let (_, manifest) = SealedSnapshot::seal(
+    let id = TemplateId::new("base").unwrap();
+    TemplateSnapshot::seal_blocking(
         &dir,
-        SNAPSHOT_DESCRIPTOR,
-        SnapshotArtifactKind::BaseTemplate,
-        "base",
+        &id,
+        build,
+        unit(),
         &[("ram", "ram.img")],
         serde_json::json!({}),
         &cache,
     )
-    .unwrap();
-    TemplateSnapshot {
-        template_id: TemplateId::new("base").unwrap(),
-        build_id: build.into(),
-        descriptor: manifest.path().to_path_buf(),
-        integrity: SnapshotArtifactIntegrity::from_path(manifest.path()).unwrap(),
-        budget: unit(),
-    }
+    .unwrap()
 }

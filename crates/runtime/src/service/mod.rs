@@ -38,7 +38,7 @@ use crate::warm_pool::PoolHealth;
 use admission::{QueueAdmission, Waiter, grant_waiters, into_runtime_error};
 pub use types::{
     CapacityStatus, PausedSandbox, RuntimeConfig, RuntimeError, SNAPSHOT_DESCRIPTOR, SandboxExit,
-    SandboxSource, StartSandbox, StartedSandbox, TemplateSnapshot,
+    SandboxSource, StartSandbox, StartedSandbox, TemplateSealError, TemplateSnapshot,
 };
 
 struct Active<S> {
