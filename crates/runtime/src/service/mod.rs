@@ -73,6 +73,29 @@ struct Inner<L: SnapshotSessionLauncher> {
     refill: Notify,
 }
 
+/// A launcher the concurrent runtime can drive: cloneable and shareable (warm-pool refills run
+/// in the background), with sessions it manages and errors it keeps as sources. Implemented
+/// for every such launcher.
+pub trait RuntimeLauncher:
+    SnapshotSessionLauncher<
+        Session: SandboxSession,
+        Error: std::error::Error + Send + Sync + 'static,
+    > + Clone
+    + Sync
+    + 'static
+{
+}
+
+impl<L> RuntimeLauncher for L where
+    L: SnapshotSessionLauncher<
+            Session: SandboxSession,
+            Error: std::error::Error + Send + Sync + 'static,
+        > + Clone
+        + Sync
+        + 'static
+{
+}
+
 /// The orchestrator. Cheap to clone; all clones share one state.
 pub struct SandboxRuntime<L: SnapshotSessionLauncher> {
     inner: Arc<Inner<L>>,
@@ -116,9 +139,7 @@ fn stop_all<S: SandboxSession>(sessions: Vec<Arc<S>>) {
 
 impl<L> SandboxRuntime<L>
 where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static,
+    L: RuntimeLauncher,
 {
     pub fn new(launcher: L, config: RuntimeConfig, cache: Arc<DigestCache>) -> Self {
         let (exits, _) = broadcast::channel(256);
