@@ -141,21 +141,7 @@ impl<'a> RuntimeCubeSandboxCreate<'a> {
         }
     }
 
-    pub fn with_disk_floor(mut self, floor: Size) -> Self {
-        self.disk_floor = floor;
-        self
-    }
-
-    pub fn with_digest_cache(mut self, cache: &'a DigestCache) -> Self {
-        self.cache = cache;
-        self
-    }
-
-    /// The template artifact is a sealed multi-file snapshot descriptor.
-    pub fn sealed_snapshot(mut self) -> Self {
-        self.sealed = true;
-        self
-    }
+    crate::restore::restore_options!();
 
     pub async fn execute<L>(
         self,
