@@ -9,7 +9,7 @@ use crate::DEFAULT_RESTORE_DISK_FLOOR;
 use crate::disk::{DiskPressureProbe, HostDiskProbe};
 use crate::restore::{
     ActiveSessionReservation, IntegritySource, RuntimeSnapshotRestore, SnapshotRestoreError,
-    SnapshotSessionLauncher,
+    SnapshotRestoreReport, SnapshotSessionLauncher,
 };
 use crate::samples::BenchmarkSample;
 
@@ -66,12 +66,11 @@ pub enum RuntimeCubeSandboxCreateError<E> {
     Restore(SnapshotRestoreError<E>),
 }
 
+/// A create's outcome: the sandbox as E2B describes it, over the restore that started it.
 #[derive(Debug)]
 pub struct RuntimeCubeSandboxCreateReport<S> {
     runtime_sandbox: RuntimeSandbox,
-    session: S,
-    reservation: ActiveSessionReservation,
-    samples: Vec<BenchmarkSample>,
+    restore: SnapshotRestoreReport<S>,
 }
 
 impl<S> RuntimeCubeSandboxCreateReport<S> {
@@ -80,15 +79,15 @@ impl<S> RuntimeCubeSandboxCreateReport<S> {
     }
 
     pub fn session(&self) -> &S {
-        &self.session
+        self.restore.session()
     }
 
     pub fn reservation(&self) -> &ActiveSessionReservation {
-        &self.reservation
+        self.restore.reservation()
     }
 
     pub fn benchmark_samples(&self) -> &[BenchmarkSample] {
-        &self.samples
+        self.restore.benchmark_samples()
     }
 
     pub fn into_parts(
@@ -99,12 +98,8 @@ impl<S> RuntimeCubeSandboxCreateReport<S> {
         ActiveSessionReservation,
         Vec<BenchmarkSample>,
     ) {
-        (
-            self.runtime_sandbox,
-            self.session,
-            self.reservation,
-            self.samples,
-        )
+        let (session, reservation, samples, _) = self.restore.into_parts();
+        (self.runtime_sandbox, session, reservation, samples)
     }
 }
 
@@ -141,21 +136,7 @@ impl<'a> RuntimeCubeSandboxCreate<'a> {
         }
     }
 
-    pub fn with_disk_floor(mut self, floor: Size) -> Self {
-        self.disk_floor = floor;
-        self
-    }
-
-    pub fn with_digest_cache(mut self, cache: &'a DigestCache) -> Self {
-        self.cache = cache;
-        self
-    }
-
-    /// The template artifact is a sealed multi-file snapshot descriptor.
-    pub fn sealed_snapshot(mut self) -> Self {
-        self.sealed = true;
-        self
-    }
+    crate::restore::restore_options!();
 
     pub async fn execute<L>(
         self,
@@ -225,12 +206,9 @@ impl<'a> RuntimeCubeSandboxCreate<'a> {
             .run(launcher, integrity, probe, elapsed)
             .await
             .map_err(RuntimeCubeSandboxCreateError::Restore)?;
-        let (session, reservation, samples, _) = report.into_parts();
         Ok(RuntimeCubeSandboxCreateReport {
             runtime_sandbox: RuntimeSandbox::with_default_ports(self.config.into_config()),
-            session,
-            reservation,
-            samples,
+            restore: report,
         })
     }
 }

@@ -163,7 +163,7 @@ mod tests {
     use firkin_artifacts::{DigestCache, SnapshotArtifactIntegrity};
     use firkin_types::{SandboxId, Size};
 
-    use crate::testing::{Flaky, template, unit};
+    use crate::testing::{FakeLauncher, template, unit};
     use crate::{
         DiskPressureProbe, EnvdInit, RuntimeConfig, RuntimeError, SandboxRuntime, SandboxSource,
         SharedDiskProbe, StartSandbox, TemplateSnapshot,
@@ -201,7 +201,7 @@ mod tests {
             ..good.clone()
         };
         let free = Arc::new(AtomicU64::new(Size::gib(100).as_bytes()));
-        let launcher = Flaky::default();
+        let launcher = FakeLauncher::default();
         let mut config = RuntimeConfig::new(unit());
         config.queue = QueuePolicy { max_pending: 0 };
         config.disk_probe = SharedDiskProbe::new(Free(Arc::clone(&free)));

@@ -20,8 +20,12 @@ pub use firkin_types as types;
 mod backoff;
 mod cube;
 mod disk;
+#[cfg(test)]
+mod gate_failures;
 mod gates;
 mod paths;
+pub mod pids;
+pub mod process;
 pub mod qemu;
 mod restore;
 mod samples;
@@ -49,8 +53,9 @@ pub use restore::{
 };
 pub use samples::{BenchmarkSample, SampleUnit};
 pub use service::{
-    CapacityStatus, PausedSandbox, RuntimeConfig, RuntimeError, SNAPSHOT_DESCRIPTOR, SandboxExit,
-    SandboxRuntime, SandboxSource, StartSandbox, StartedSandbox, TemplateSnapshot,
+    CapacityStatus, PausedSandbox, RuntimeConfig, RuntimeError, RuntimeLauncher,
+    SNAPSHOT_DESCRIPTOR, SandboxExit, SandboxRuntime, SandboxSource, StartSandbox, StartedSandbox,
+    TemplateSealError, TemplateSnapshot,
 };
 pub use session::{ContinuationSaved, EnvdInit, SandboxSession};
 pub use warm_pool::{WarmPoolFailure, WarmPoolStatus};

@@ -94,6 +94,18 @@ impl FirkinPaths {
     }
 }
 
+/// A new run directory's path under `root` (a launcher's `sandboxes/`): this process's pid, the
+/// time and a counter, so that no two launches of one server share a name.
+pub(crate) fn unique_run_dir(root: &Path, prefix: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    root.join(format!("{prefix}-{}-{nanos:08x}-{n}", std::process::id()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -256,6 +256,33 @@ pub fn verify_sealed(
     ))
 }
 
+/// The options both seed-contract builders ([`RuntimeSnapshotRestore`] and
+/// [`crate::RuntimeCubeSandboxCreate`]) take, as inherent methods of each (the seed calls them
+/// so); expanded inside an `impl<'a>` of a type with `disk_floor`, `cache` and `sealed` fields.
+macro_rules! restore_options {
+    () => {
+        /// Free space required in the artifact's directory (default 10 GiB).
+        pub fn with_disk_floor(mut self, floor: firkin_types::Size) -> Self {
+            self.disk_floor = floor;
+            self
+        }
+
+        /// The verified-digest cache to use (default: the process-wide one).
+        pub fn with_digest_cache(mut self, cache: &'a DigestCache) -> Self {
+            self.cache = cache;
+            self
+        }
+
+        /// The artifact is a [`firkin_artifacts::SealedSnapshot`] descriptor: verify every
+        /// component too, and hand the verified descriptor to the launcher.
+        pub fn sealed_snapshot(mut self) -> Self {
+            self.sealed = true;
+            self
+        }
+    };
+}
+pub(crate) use restore_options;
+
 /// Restores one session from a snapshot artifact through the four gates (see the crate docs):
 /// the seed contract's face over the same [`crate::gates`] code [`crate::SandboxRuntime`] runs,
 /// with capacity taken from a ledger the caller holds mutably for the whole restore.
@@ -305,24 +332,7 @@ impl<'a> RuntimeSnapshotRestore<'a> {
         }
     }
 
-    /// Free space required in the artifact's directory (default 10 GiB).
-    pub fn with_disk_floor(mut self, floor: firkin_types::Size) -> Self {
-        self.disk_floor = floor;
-        self
-    }
-
-    /// The verified-digest cache to use (default: the process-wide one).
-    pub fn with_digest_cache(mut self, cache: &'a DigestCache) -> Self {
-        self.cache = cache;
-        self
-    }
-
-    /// The artifact is a [`SealedSnapshot`] descriptor: verify every component too, and hand
-    /// the verified descriptor to the launcher.
-    pub fn sealed_snapshot(mut self) -> Self {
-        self.sealed = true;
-        self
-    }
+    restore_options!();
 
     /// No integrity record, the host's disk; records `elapsed` as the latency.
     pub async fn execute_with_elapsed<L>(

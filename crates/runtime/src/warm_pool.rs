@@ -138,30 +138,12 @@ mod tests {
     use std::sync::{Arc, Mutex, PoisonError};
 
     use firkin_admission::ResourceBudget;
-    use firkin_artifacts::DigestCache;
-    use firkin_types::Size;
 
     use super::*;
-    use crate::testing::{Flaky, template, unit};
-    use crate::{RuntimeConfig, SandboxRuntime};
+    use crate::SandboxRuntime;
+    use crate::testing::{FakeLauncher, runtime, template, unit};
 
-    fn runtime(launcher: Flaky) -> SandboxRuntime<Flaky> {
-        let slots = 4;
-        let mut config = RuntimeConfig::new(ResourceBudget::new(
-            slots,
-            Size::gib(u64::from(slots)),
-            Size::gib(u64::from(slots)),
-        ));
-        config.restore_disk_floor = Size::ZERO;
-        config.warm_pool_disk_floor = Size::ZERO;
-        SandboxRuntime::new(
-            launcher,
-            config,
-            Arc::new(DigestCache::in_memory().with_racy_window(Duration::ZERO)),
-        )
-    }
-
-    fn only_pool(rt: &SandboxRuntime<Flaky>) -> WarmPoolStatus {
+    fn only_pool(rt: &SandboxRuntime<FakeLauncher>) -> WarmPoolStatus {
         let pools = rt.warm_pools();
         assert_eq!(pools.len(), 1, "{pools:?}");
         pools.into_iter().next().unwrap()
@@ -175,9 +157,9 @@ mod tests {
     async fn a_failing_refill_backs_off_and_shows_in_status() {
         let dir = tempfile::tempdir().unwrap();
         let t = template(dir.path(), "b1");
-        let launcher = Flaky::default();
+        let launcher = FakeLauncher::default();
         launcher.fail_with(Some("qemu died"));
-        let rt = runtime(launcher.clone());
+        let rt = runtime(launcher.clone(), 4);
         rt.set_warm_pool(t.clone(), 2);
         let pool = only_pool(&rt);
         assert_eq!(
@@ -276,8 +258,8 @@ mod tests {
         let _guard = tracing::subscriber::set_default(subscriber);
 
         let dir = tempfile::tempdir().unwrap();
-        let launcher = Flaky::default();
-        let rt = runtime(launcher.clone());
+        let launcher = FakeLauncher::default();
+        let rt = runtime(launcher.clone(), 4);
         rt.set_warm_pool(template(dir.path(), "b1"), 1);
         let attempt = async |error: Option<&str>| {
             launcher.fail_with(error);
@@ -306,8 +288,8 @@ mod tests {
     async fn a_new_build_replaces_the_pool_of_the_old_one() {
         let dir = tempfile::tempdir().unwrap();
         let (old, new) = (template(dir.path(), "b1"), template(dir.path(), "b2"));
-        let launcher = Flaky::default();
-        let rt = runtime(launcher.clone());
+        let launcher = FakeLauncher::default();
+        let rt = runtime(launcher.clone(), 4);
         rt.set_warm_pool(old.clone(), 1);
         assert!(rt.refill_once().await);
         assert_eq!(rt.capacity().warm, unit());

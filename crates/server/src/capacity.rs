@@ -48,9 +48,7 @@ pub struct HostResources {
 #[derive(Debug, thiserror::Error)]
 pub enum CapacityProbeError {
     #[error("cannot read /proc/meminfo: {0}")]
-    Meminfo(std::io::Error),
-    #[error("/proc/meminfo has no MemTotal line")]
-    NoMemTotal,
+    Meminfo(#[source] procfs::ProcError),
     #[error("cannot measure free disk at {path}: {source}")]
     Disk {
         path: std::path::PathBuf,
@@ -64,8 +62,8 @@ impl HostResources {
         let cpus = std::thread::available_parallelism()
             .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
         let meminfo =
-            std::fs::read_to_string("/proc/meminfo").map_err(CapacityProbeError::Meminfo)?;
-        let memory = parse_mem_total(&meminfo).ok_or(CapacityProbeError::NoMemTotal)?;
+            <procfs::Meminfo as procfs::Current>::current().map_err(CapacityProbeError::Meminfo)?;
+        let memory = Size::bytes(meminfo.mem_total);
         let st =
             nix::sys::statvfs::statvfs(state_dir).map_err(|source| CapacityProbeError::Disk {
                 path: state_dir.to_path_buf(),
@@ -78,12 +76,6 @@ impl HostResources {
             free_disk,
         })
     }
-}
-
-fn parse_mem_total(meminfo: &str) -> Option<Size> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(Size::kib(kib))
 }
 
 fn scale(v: u64, factor: f64) -> u64 {
@@ -133,15 +125,6 @@ mod tests {
         let c = CapacityPolicy::default().capacity(tiny);
         assert_eq!(c.memory, Size::ZERO);
         assert_eq!(c.disk, Size::ZERO);
-    }
-
-    #[test]
-    fn mem_total_parses() {
-        assert_eq!(
-            parse_mem_total("MemFree: 1 kB\nMemTotal:       24684092 kB\n"),
-            Some(Size::kib(24_684_092))
-        );
-        assert_eq!(parse_mem_total("nothing"), None);
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //!   interrupted builds) are cleaned up.
 //!
 //! The server drives a [`firkin_runtime::SandboxRuntime`] of any launcher; template builds go
-//! through a [`TemplateBuilder`]. [`process`] is a launcher and builder without isolation, for
+//! through a [`TemplateBuilder`]. [`process`] adapts the runtime's launcher without isolation, for
 //! development and tests.
 //!
 //! Cut by resource, as Firecracker's API server is: [`api`] extracts requests and maps records to
@@ -29,14 +29,15 @@ pub mod error;
 mod lifecycle;
 pub mod orchestrator;
 pub mod process;
-pub mod procfs;
 pub mod proxy;
 pub mod qemu;
 pub mod server;
 pub mod store;
-mod sys;
 pub mod templates;
 pub mod types;
+
+/// Host processes by pid (the runtime's): recorded sandboxes' identity and the restart sweep.
+pub use firkin_runtime::pids as procfs;
 
 pub use app::{CLIENT_ID, DEFAULT_TEMPLATE_BUDGET, ENVD_VERSION, ServerConfig};
 pub use capacity::{CapacityPolicy, HostResources};

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use firkin_artifacts::{SealError, SealedSnapshot, SnapshotArtifactIntegrity};
 use firkin_runtime::{
-    CapacityStatus, PausedSandbox, RuntimeError, SandboxExit, SandboxRuntime, SandboxSession,
-    SnapshotSessionLauncher, StartSandbox, StartedSandbox, TemplateSnapshot, WarmPoolStatus,
+    CapacityStatus, PausedSandbox, RuntimeError, RuntimeLauncher, SandboxExit, SandboxRuntime,
+    StartSandbox, StartedSandbox, TemplateSnapshot, WarmPoolStatus,
 };
 use firkin_types::SandboxId;
 use tokio::sync::broadcast;
@@ -58,9 +58,7 @@ pub trait Orchestrator: Send + Sync + 'static {
 #[async_trait]
 impl<L> Orchestrator for SandboxRuntime<L>
 where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static,
+    L: RuntimeLauncher,
 {
     async fn start(&self, req: StartSandbox) -> Result<StartedSandbox, RuntimeError> {
         SandboxRuntime::start(self, req).await

@@ -29,22 +29,6 @@ impl QemuTemplateBuilder {
             fingerprint: OnceLock::new(),
         }
     }
-
-    /// SHA-256 over the digests of everything a build copies into the guest: kernel, modules,
-    /// `firkin-init`, `firkin-envd`.
-    fn hash_assets(&self) -> Result<String, std::io::Error> {
-        use sha2::{Digest, Sha256};
-        let k = &self.assets.kernel;
-        let files = std::iter::once(("kernel", &k.vmlinuz))
-            .chain(k.modules.iter().map(|m| ("module", m)))
-            .chain([("init", &self.assets.init), ("envd", &self.assets.envd)]);
-        let mut all = Sha256::new();
-        for (role, path) in files {
-            let (d, _) = self.cache.digest(path)?;
-            all.update(format!("{role} {} {}\n", d.size_bytes, d.sha256_hex).as_bytes());
-        }
-        Ok(hex::encode(all.finalize()))
-    }
 }
 
 #[async_trait]
@@ -92,7 +76,7 @@ impl TemplateBuilder for QemuTemplateBuilder {
 
     fn guest_fingerprint(&self) -> Option<String> {
         self.fingerprint
-            .get_or_init(|| match self.hash_assets() {
+            .get_or_init(|| match self.assets.fingerprint(&self.cache) {
                 Ok(f) => Some(f),
                 Err(err) => {
                     // Without it any finished build is adopted, as before fingerprints.

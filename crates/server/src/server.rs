@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::Request;
 use axum::serve::ListenerExt;
-use firkin_runtime::{SandboxRuntime, SandboxSession, SnapshotSessionLauncher};
+use firkin_runtime::{RuntimeLauncher, SandboxRuntime};
 use firkin_types::TemplateId;
 use nix::fcntl::{Flock, FlockArg};
 use tokio::net::TcpListener;
@@ -110,9 +110,7 @@ impl Server {
         builder: Arc<dyn TemplateBuilder>,
     ) -> Result<Self, ServerError>
     where
-        L: SnapshotSessionLauncher + Clone + Sync + 'static,
-        L::Session: SandboxSession,
-        L::Error: std::error::Error + Send + Sync + 'static,
+        L: RuntimeLauncher,
     {
         Self::open_with(config, Arc::new(runtime), builder)
     }

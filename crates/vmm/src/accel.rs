@@ -37,26 +37,36 @@ pub struct AccelDecision {
 }
 
 /// What the host told us; gathered by [`detect`], decided by [`decide`] (kept apart so the
-/// decision can be tested with any host's files).
+/// decision can be tested with any host's facts).
 #[derive(Debug, Clone)]
 pub struct HostFacts {
-    /// Contents of `/proc/modules` (empty when the kernel has no module support).
-    pub proc_modules: String,
-    /// Module names under `/sys/module` (built-in modules appear there too).
-    pub sys_modules: Vec<String>,
-    /// Contents of `/proc/cpuinfo`.
-    pub cpuinfo: String,
+    /// Loaded modules: `/proc/modules` (empty when the kernel has no module support) and the
+    /// names under `/sys/module` (built-in modules appear only there).
+    pub modules: Vec<String>,
+    /// The first CPU's flags from `/proc/cpuinfo`.
+    pub cpu_flags: Vec<String>,
     /// `Ok(())` when `/dev/kvm` opened read-write, else why not.
     pub dev_kvm: Result<(), String>,
 }
 
 /// Reads the host facts.
 pub fn gather() -> HostFacts {
+    use procfs::Current;
     let sys_modules = fs::read_dir("/sys/module")
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let proc_modules = procfs::KernelModules::current()
+        .map(|m| m.0.into_keys().collect::<Vec<_>>())
+        .unwrap_or_default();
+    let cpu_flags = procfs::CpuInfo::current()
+        .ok()
+        .and_then(|info| {
+            let flags = info.flags(0)?;
+            Some(flags.into_iter().map(str::to_owned).collect())
         })
         .unwrap_or_default();
     let dev_kvm = match fs::OpenOptions::new()
@@ -68,9 +78,8 @@ pub fn gather() -> HostFacts {
         Err(e) => Err(e.to_string()),
     };
     HostFacts {
-        proc_modules: fs::read_to_string("/proc/modules").unwrap_or_default(),
-        sys_modules,
-        cpuinfo: fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
+        modules: proc_modules.into_iter().chain(sys_modules).collect(),
+        cpu_flags,
         dev_kvm,
     }
 }
@@ -95,19 +104,12 @@ pub fn detect() -> AccelDecision {
 
 /// The decision rule, on gathered facts.
 pub fn decide(facts: &HostFacts) -> AccelDecision {
-    let loaded = |name: &str| {
-        facts
-            .proc_modules
-            .lines()
-            .any(|l| l.split_whitespace().next() == Some(name))
-            || facts.sys_modules.iter().any(|m| m == name)
-    };
+    let loaded = |name: &str| facts.modules.iter().any(|m| m == name);
     let hw_module = ["kvm_intel", "kvm_amd"].into_iter().find(|m| loaded(m));
     let cpu_flag = facts
-        .cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .flat_map(|l| l.split_whitespace())
+        .cpu_flags
+        .iter()
+        .map(String::as_str)
         .find(|f| *f == "vmx" || *f == "svm");
     let other_kvm: Vec<&str> = ["kvm_pvm", "kvm"]
         .into_iter()
@@ -149,50 +151,42 @@ pub fn decide(facts: &HostFacts) -> AccelDecision {
 mod tests {
     use super::*;
 
-    fn facts(modules: &str, sys: &[&str], flags: &str, kvm: Result<(), &str>) -> HostFacts {
+    fn facts(modules: &[&str], flags: &str, kvm: Result<(), &str>) -> HostFacts {
         HostFacts {
-            proc_modules: modules.to_string(),
-            sys_modules: sys.iter().map(|s| s.to_string()).collect(),
-            cpuinfo: format!("processor\t: 0\nflags\t\t: fpu vme {flags} sse2\n"),
+            modules: modules.iter().map(|s| s.to_string()).collect(),
+            cpu_flags: format!("fpu vme {flags} sse2")
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
             dev_kvm: kvm.map_err(str::to_string),
         }
     }
 
     #[test]
     fn kvm_pvm_is_not_hardware_kvm() {
-        let d = decide(&facts("", &["kvm", "kvm_pvm", "virtio_blk"], "", Ok(())));
+        let d = decide(&facts(&["kvm", "kvm_pvm", "virtio_blk"], "", Ok(())));
         assert_eq!(d.accel, Accel::Tcg);
         assert!(d.reason.contains("kvm_pvm"), "{}", d.reason);
     }
 
     #[test]
     fn kvm_intel_module_with_openable_dev_kvm_means_kvm() {
-        let d = decide(&facts(
-            "kvm_intel 409600 0 - Live 0x0000000000000000\nkvm 1146880 1 kvm_intel, Live 0x0\n",
-            &[],
-            "",
-            Ok(()),
-        ));
+        let d = decide(&facts(&["kvm_intel", "kvm"], "", Ok(())));
         assert_eq!(d.accel, Accel::Kvm);
         assert!(d.reason.contains("kvm_intel"), "{}", d.reason);
     }
 
     #[test]
     fn cpu_flag_counts_when_modules_are_built_in() {
-        let d = decide(&facts("", &[], "vmx", Ok(())));
+        let d = decide(&facts(&[], "vmx", Ok(())));
         assert_eq!(d.accel, Accel::Kvm);
-        let d = decide(&facts("", &["kvm_amd"], "", Ok(())));
+        let d = decide(&facts(&["kvm_amd"], "", Ok(())));
         assert_eq!(d.accel, Accel::Kvm);
     }
 
     #[test]
     fn unopenable_dev_kvm_means_tcg_with_the_error() {
-        let d = decide(&facts(
-            "",
-            &[],
-            "svm",
-            Err("Permission denied (os error 13)"),
-        ));
+        let d = decide(&facts(&[], "svm", Err("Permission denied (os error 13)")));
         assert_eq!(d.accel, Accel::Tcg);
         assert!(d.reason.contains("Permission denied"), "{}", d.reason);
     }
@@ -200,12 +194,7 @@ mod tests {
     #[test]
     fn module_name_must_match_exactly() {
         // "kvm_intel_foo" is not kvm_intel, and a flag inside another word is not a flag.
-        let d = decide(&facts(
-            "kvm_intel_foo 1 0 - Live 0x0\n",
-            &[],
-            "vmxx",
-            Ok(()),
-        ));
+        let d = decide(&facts(&["kvm_intel_foo"], "vmxx", Ok(())));
         assert_eq!(d.accel, Accel::Tcg);
     }
 

@@ -252,6 +252,13 @@ impl ChildHandle {
         tokio::time::timeout(timeout, self.wait()).await.ok()
     }
 
+    /// SIGKILLs the child and waits up to `timeout` for it to be reaped; `None` if it was not
+    /// (a process stuck in the kernel). Returns at once for a child already gone.
+    pub async fn kill(&self, timeout: std::time::Duration) -> Option<ExitInfo> {
+        self.signal(Signal::SIGKILL);
+        self.wait_timeout(timeout).await
+    }
+
     /// A receiver that sees the exit, for callers that select on it.
     pub fn subscribe(&self) -> watch::Receiver<Option<ExitInfo>> {
         self.state.tx.subscribe()

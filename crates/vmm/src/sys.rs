@@ -25,8 +25,10 @@ fn dup_high(fd: &OwnedFd) -> io::Result<OwnedFd> {
 /// Arranges for the child to get SIGKILL when the thread that forks it exits, to run without
 /// transparent huge pages, and to inherit each `(fd, number)` at exactly that number.
 ///
-/// The caller must fork from a thread that outlives the child (see `process::Spawner`): Linux
-/// delivers the parent-death signal when the forking *thread* exits.
+/// The caller must fork from a thread that outlives the child (see `process::spawner`): Linux
+/// delivers the parent-death signal when the forking *thread* exits. The only `pre_exec`
+/// of the VMM, the runtime and the server: every child process they start (QEMU, host-mode
+/// agents) goes through `process::spawn`.
 pub(crate) fn configure_child(cmd: &mut Command, inherit: Vec<(OwnedFd, RawFd)>) -> io::Result<()> {
     let parent = std::process::id() as libc::pid_t;
     let high: Vec<(OwnedFd, RawFd)> = inherit
@@ -48,7 +50,8 @@ pub(crate) fn configure_child(cmd: &mut Command, inherit: Vec<(OwnedFd, RawFd)>)
             // QEMU asks for huge pages on its TCG translation cache and small ROM blocks
             // (ACPI tables), which rounds each up to 2 MiB: ~3.5 MiB more per idle clone for
             // ~3% faster creates and commands (measured side by side; DEVELOPERS.md). Density
-            // wins. Best effort: a kernel without the flag still runs QEMU.
+            // wins. Best effort: a kernel without the flag still runs QEMU. The runtime's
+            // host-mode agents (the process backend, for tests) come through here too.
             libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
             // The parent may have died between fork and prctl; then nobody would kill us.
             if libc::getppid() != parent {

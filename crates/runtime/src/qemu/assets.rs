@@ -1,5 +1,6 @@
 use std::path::{Path, PathBuf};
 
+use firkin_artifacts::DigestCache;
 use firkin_guest::KernelAssets;
 
 use crate::paths::FirkinPaths;
@@ -57,5 +58,21 @@ impl GuestAssets {
             init: bin("firkin-init")?,
             envd: bin("firkin-envd")?,
         })
+    }
+
+    /// SHA-256 over the digests of everything a build copies into the guest: kernel, modules,
+    /// `firkin-init`, `firkin-envd`. A template built from other assets is stale.
+    pub fn fingerprint(&self, cache: &DigestCache) -> std::io::Result<String> {
+        use sha2::{Digest, Sha256};
+        let k = &self.kernel;
+        let files = std::iter::once(("kernel", &k.vmlinuz))
+            .chain(k.modules.iter().map(|m| ("module", m)))
+            .chain([("init", &self.init), ("envd", &self.envd)]);
+        let mut all = Sha256::new();
+        for (role, path) in files {
+            let (d, _) = cache.digest(path)?;
+            all.update(format!("{role} {} {}\n", d.size_bytes, d.sha256_hex).as_bytes());
+        }
+        Ok(hex::encode(all.finalize()))
     }
 }

@@ -1,7 +1,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,6 +9,7 @@ use firkin_envd::client::Client as EnvdClient;
 use firkin_vmm::{ExitInfo, RestoreRequest, Snapshot, Vm, VmmError};
 use tokio::sync::{Mutex, watch};
 
+use crate::paths::unique_run_dir;
 use crate::restore::{SnapshotRestoreRequest, SnapshotSessionLauncher};
 use crate::service::SNAPSHOT_DESCRIPTOR;
 use crate::session::{ContinuationSaved, EnvdInit, SandboxSession};
@@ -74,16 +74,6 @@ impl QemuLauncher {
         self
     }
 
-    fn next_run_dir(&self) -> PathBuf {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        self.sandboxes_dir
-            .join(format!("vm-{}-{nanos:08x}-{n}", std::process::id()))
-    }
-
     /// A continuation's lower disk layers live in other sealed snapshots (its template, earlier
     /// pauses). They are verified too, through the cache: a tampered template disk must not be
     /// resumed onto.
@@ -137,7 +127,7 @@ impl SnapshotSessionLauncher for QemuLauncher {
         let vm = Vm::restore(
             &snap,
             RestoreRequest {
-                run_dir: self.next_run_dir(),
+                run_dir: unique_run_dir(&self.sandboxes_dir, "vm"),
                 guest_ports: GUEST_PORTS.to_vec(),
                 ready: Some(envd_ready(self.health_timeout)),
             },

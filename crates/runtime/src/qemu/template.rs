@@ -3,9 +3,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use firkin_admission::ResourceBudget;
-use firkin_artifacts::{
-    DigestCache, SealedSnapshot, SnapshotArtifactIntegrity, SnapshotArtifactKind,
-};
+use firkin_artifacts::DigestCache;
 use firkin_envd::client::Client as EnvdClient;
 use firkin_guest::{ImageOptions, InitramfsSpec, Progress, RootfsSource};
 use firkin_types::{Size, TemplateId};
@@ -13,7 +11,7 @@ use firkin_vmm::{AccelDecision, BootRequest, MachineConfig, Vm};
 use tokio::sync::mpsc;
 
 use crate::disk::{HostDiskProbe, check_disk_floor};
-use crate::service::{SNAPSHOT_DESCRIPTOR, TemplateSnapshot};
+use crate::service::{TemplateSealError, TemplateSnapshot};
 use crate::{DEFAULT_RESTORE_DISK_FLOOR, samples::BenchmarkSample};
 
 use super::assets::GuestAssets;
@@ -62,8 +60,12 @@ pub enum TemplateBuildError {
     },
     #[error("marking the template's processes failed: {0}")]
     Mark(String),
+    #[error("a build task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("describing the template's machine failed: {0}")]
+    Machine(#[source] serde_json::Error),
     #[error("sealing the template snapshot failed: {0}")]
-    Seal(String),
+    Seal(#[from] TemplateSealError),
     #[error("template build i/o on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -141,7 +143,7 @@ async fn build_inner(
             firkin_guest::build_rootfs(&source, &scratch, &out, &opts, &mut report)
         })
         .await
-        .map_err(|e| TemplateBuildError::Seal(e.to_string()))?
+        .map_err(TemplateBuildError::Task)?
         .map_err(TemplateBuildError::Rootfs)?;
     }
 
@@ -251,50 +253,28 @@ async fn build_inner(
     // are cached, so the first create does not hash the RAM image and disk again.
     phase(events, "sealing", 0.93);
     tokio::time::sleep(DigestCache::DEFAULT_RACY_WINDOW + Duration::from_millis(50)).await;
-    let machine_json =
-        serde_json::to_value(&snap.machine).map_err(|e| TemplateBuildError::Seal(e.to_string()))?;
-    let (dir2, id, cache2) = (
+    let machine_json = serde_json::to_value(&snap.machine).map_err(TemplateBuildError::Machine)?;
+    let snapshot = TemplateSnapshot::seal(
         dir.clone(),
-        build.template_id.to_string(),
+        build.template_id.clone(),
+        build.build_id.clone(),
+        build.budget,
+        &[
+            (component::VM, firkin_vmm::SNAPSHOT_JSON),
+            (component::RAM, firkin_vmm::RAM_FILE),
+            (component::STATE, firkin_vmm::STATE_FILE),
+            (component::DISK, firkin_vmm::TEMPLATE_DISK_FILE),
+        ],
+        machine_json,
         Arc::clone(&cache),
-    );
-    let (_, manifest) = tokio::task::spawn_blocking(move || {
-        SealedSnapshot::seal(
-            &dir2,
-            SNAPSHOT_DESCRIPTOR,
-            SnapshotArtifactKind::BaseTemplate,
-            &id,
-            &[
-                (component::VM, firkin_vmm::SNAPSHOT_JSON),
-                (component::RAM, firkin_vmm::RAM_FILE),
-                (component::STATE, firkin_vmm::STATE_FILE),
-                (component::DISK, firkin_vmm::TEMPLATE_DISK_FILE),
-            ],
-            machine_json,
-            &cache2,
-        )
-    })
-    .await
-    .map_err(|e| TemplateBuildError::Seal(e.to_string()))?
-    .map_err(|e| TemplateBuildError::Seal(e.to_string()))?;
-    let descriptor = manifest.path().to_path_buf();
-    let integrity = SnapshotArtifactIntegrity::from_path(&descriptor)
-        .map_err(|e| TemplateBuildError::Seal(e.to_string()))?;
+    )
+    .await?;
     phase(events, "ready", 1.0);
     let samples = vec![
         BenchmarkSample::latency("cold_template_boot", boot_time),
         BenchmarkSample::latency("cold_template_build", started.elapsed()),
     ];
-    Ok((
-        TemplateSnapshot {
-            template_id: build.template_id.clone(),
-            build_id: build.build_id.clone(),
-            descriptor,
-            integrity,
-            budget: build.budget,
-        },
-        samples,
-    ))
+    Ok((snapshot, samples))
 }
 
 /// The image gets the content plus headroom; a requested disk size larger than that is used

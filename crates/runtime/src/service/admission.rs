@@ -8,9 +8,8 @@ use std::sync::Arc;
 use firkin_admission::{AdmissionDecision, ResourceBudget, plan_admission};
 use tokio::sync::oneshot;
 
-use super::{Inner, RuntimeError, SandboxRuntime, State, lock, stop_all};
+use super::{Inner, RuntimeError, RuntimeLauncher, SandboxRuntime, State, lock, stop_all};
 use crate::gates::{Admission, GateError};
-use crate::restore::SnapshotSessionLauncher;
 use crate::session::SandboxSession;
 
 /// A create waiting in the FIFO queue; `grant` fires once capacity has been reserved for it.
@@ -23,9 +22,7 @@ pub(super) struct Waiter {
 /// Gives a reservation back on drop unless disarmed. Also wakes waiters.
 pub(super) struct Held<L>
 where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static,
+    L: RuntimeLauncher,
 {
     inner: Arc<Inner<L>>,
     budget: ResourceBudget,
@@ -34,9 +31,7 @@ where
 
 impl<L> Drop for Held<L>
 where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static,
+    L: RuntimeLauncher,
 {
     fn drop(&mut self) {
         if self.armed {
@@ -57,9 +52,7 @@ where
 /// that capacity, so no grant is ever lost.
 struct QueueTicket<L>
 where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static,
+    L: RuntimeLauncher,
 {
     inner: Arc<Inner<L>>,
     ticket: u64,
@@ -76,9 +69,7 @@ enum TicketOutcome {
 
 impl<L> QueueTicket<L>
 where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static,
+    L: RuntimeLauncher,
 {
     fn settle(mut self) -> TicketOutcome {
         self.armed = false;
@@ -99,9 +90,7 @@ where
 
 impl<L> Drop for QueueTicket<L>
 where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static,
+    L: RuntimeLauncher,
 {
     fn drop(&mut self) {
         if !self.armed {
@@ -124,9 +113,7 @@ where
 
 impl<L> Held<L>
 where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static,
+    L: RuntimeLauncher,
 {
     /// An armed guard over `budget`, which the caller has already reserved.
     pub(super) fn new(inner: Arc<Inner<L>>, budget: ResourceBudget) -> Self {
@@ -193,9 +180,7 @@ fn evict_warm_until_fits<S: SandboxSession>(
 
 impl<L> SandboxRuntime<L>
 where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static,
+    L: RuntimeLauncher,
 {
     /// waiting in the FIFO queue.
     async fn admit(&self, budget: ResourceBudget) -> Result<Held<L>, RuntimeError> {
@@ -263,18 +248,12 @@ where
 }
 
 /// The capacity gate of creates and resumes: the runtime's FIFO admission queue.
-pub(super) struct QueueAdmission<'r, L>(pub(super) &'r SandboxRuntime<L>)
-where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static;
+pub(super) struct QueueAdmission<'r, L: RuntimeLauncher>(pub(super) &'r SandboxRuntime<L>);
 
 #[async_trait::async_trait]
 impl<L> Admission for QueueAdmission<'_, L>
 where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static,
+    L: RuntimeLauncher,
 {
     type Held = Held<L>;
     type Error = RuntimeError;
@@ -299,17 +278,12 @@ pub(super) enum WarmRefusal {
 
 /// The capacity gate of warm-pool refills: a warm reservation, evicted first when a create
 /// needs the room.
-pub(super) struct WarmAdmission<'r, L>(pub(super) &'r Inner<L>)
-where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession;
+pub(super) struct WarmAdmission<'r, L: RuntimeLauncher>(pub(super) &'r Inner<L>);
 
 #[async_trait::async_trait]
 impl<L> Admission for WarmAdmission<'_, L>
 where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static,
+    L: RuntimeLauncher,
 {
     type Held = ResourceBudget;
     type Error = WarmRefusal;

@@ -38,7 +38,7 @@ use crate::warm_pool::PoolHealth;
 use admission::{QueueAdmission, Waiter, grant_waiters, into_runtime_error};
 pub use types::{
     CapacityStatus, PausedSandbox, RuntimeConfig, RuntimeError, SNAPSHOT_DESCRIPTOR, SandboxExit,
-    SandboxSource, StartSandbox, StartedSandbox, TemplateSnapshot,
+    SandboxSource, StartSandbox, StartedSandbox, TemplateSealError, TemplateSnapshot,
 };
 
 struct Active<S> {
@@ -71,6 +71,29 @@ struct Inner<L: SnapshotSessionLauncher> {
     /// Lock order: never held together with `state` or `pool_targets`.
     pool_health: Mutex<PoolHealth>,
     refill: Notify,
+}
+
+/// A launcher the concurrent runtime can drive: cloneable and shareable (warm-pool refills run
+/// in the background), with sessions it manages and errors it keeps as sources. Implemented
+/// for every such launcher.
+pub trait RuntimeLauncher:
+    SnapshotSessionLauncher<
+        Session: SandboxSession,
+        Error: std::error::Error + Send + Sync + 'static,
+    > + Clone
+    + Sync
+    + 'static
+{
+}
+
+impl<L> RuntimeLauncher for L where
+    L: SnapshotSessionLauncher<
+            Session: SandboxSession,
+            Error: std::error::Error + Send + Sync + 'static,
+        > + Clone
+        + Sync
+        + 'static
+{
 }
 
 /// The orchestrator. Cheap to clone; all clones share one state.
@@ -116,9 +139,7 @@ fn stop_all<S: SandboxSession>(sessions: Vec<Arc<S>>) {
 
 impl<L> SandboxRuntime<L>
 where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static,
+    L: RuntimeLauncher,
 {
     pub fn new(launcher: L, config: RuntimeConfig, cache: Arc<DigestCache>) -> Self {
         let (exits, _) = broadcast::channel(256);

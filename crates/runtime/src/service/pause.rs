@@ -9,15 +9,16 @@ use firkin_artifacts::{SealedSnapshot, SnapshotArtifactIntegrity, SnapshotArtifa
 use firkin_types::SandboxId;
 
 use super::admission::grant_waiters;
-use super::{PausedSandbox, RuntimeError, SNAPSHOT_DESCRIPTOR, SandboxRuntime, lock, stop_all};
-use crate::restore::{IntegrityFailure, SnapshotSessionLauncher};
+use super::{
+    PausedSandbox, RuntimeError, RuntimeLauncher, SNAPSHOT_DESCRIPTOR, SandboxRuntime, lock,
+    stop_all,
+};
+use crate::restore::IntegrityFailure;
 use crate::session::SandboxSession;
 
 impl<L> SandboxRuntime<L>
 where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static,
+    L: RuntimeLauncher,
 {
     /// Saves a running sandbox as a sealed continuation snapshot in `dir`, stops it and gives
     /// its capacity back. On failure the sandbox keeps running when it still can.

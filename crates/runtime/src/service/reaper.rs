@@ -6,15 +6,12 @@ use firkin_admission::ResourceBudget;
 use firkin_types::SandboxId;
 
 use super::admission::grant_waiters;
-use super::{Active, SandboxExit, SandboxRuntime, lock, stop_all};
-use crate::restore::SnapshotSessionLauncher;
+use super::{Active, RuntimeLauncher, SandboxExit, SandboxRuntime, lock, stop_all};
 use crate::session::SandboxSession;
 
 impl<L> SandboxRuntime<L>
 where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static,
+    L: RuntimeLauncher,
 {
     pub(super) fn register(
         &self,

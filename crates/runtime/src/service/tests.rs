@@ -1,191 +1,53 @@
-//! Orchestration logic against test doubles: `testing::Flaky` where a test only needs sandboxes
-//! that start and stop, a recording launcher where it watches what happened to a session. The
-//! real QEMU launcher is exercised by the VM tests.
+//! Orchestration logic against the test doubles of `testing`: a launcher that records every
+//! restore and sessions the test watches. The real QEMU launcher is exercised by the VM tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use firkin_admission::{CapacityError, QueuePolicy, ResourceBudget};
-use firkin_artifacts::{DigestCache, SealedSnapshot, SnapshotArtifactKind};
+use firkin_admission::{CapacityError, ResourceBudget};
+use firkin_artifacts::{SealedSnapshot, SnapshotArtifactKind};
 use firkin_types::{SandboxId, Size};
-use tokio::sync::Notify;
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
 
 use super::{
-    RuntimeConfig, RuntimeError, SandboxRuntime, SandboxSource, StartSandbox, TemplateSnapshot,
+    RuntimeError, SandboxRuntime, SandboxSource, StartSandbox, StartedSandbox, TemplateSnapshot,
     lock,
 };
-use crate::restore::{SnapshotRestoreRequest, SnapshotSessionLauncher};
-use crate::session::{ContinuationSaved, EnvdInit, SandboxSession};
-use crate::testing::{Flaky, template, unit};
+use crate::session::EnvdInit;
+use crate::testing::{FakeLauncher, runtime, template, unit};
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct FakeError(String);
-
-#[derive(Debug, Default)]
-struct FakeSession {
-    alive: AtomicBool,
-    stopped: AtomicUsize,
-    inits: AtomicUsize,
-    fail_init: bool,
-    died: Notify,
+/// A template in a temporary directory and a runtime of `slots` over a launcher the test keeps.
+fn setup(
+    slots: u32,
+) -> (
+    TempDir,
+    TemplateSnapshot,
+    FakeLauncher,
+    SandboxRuntime<FakeLauncher>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let t = template(dir.path(), "b1");
+    let launcher = FakeLauncher::default();
+    let rt = runtime(launcher.clone(), slots);
+    (dir, t, launcher, rt)
 }
 
-impl FakeSession {
-    fn die(&self) {
-        self.alive.store(false, Ordering::SeqCst);
-        self.died.notify_waiters();
+/// Starts `id` in the background and returns once it waits in the admission queue.
+async fn queued_start(
+    rt: &SandboxRuntime<FakeLauncher>,
+    t: &TemplateSnapshot,
+    id: &'static str,
+) -> JoinHandle<Result<StartedSandbox, RuntimeError>> {
+    let queued = rt.capacity().queued;
+    let (rt2, t2) = (rt.clone(), t.clone());
+    let waiting = tokio::spawn(async move { rt2.start(start(id, &t2)).await });
+    while rt.capacity().queued == queued {
+        tokio::task::yield_now().await;
     }
-}
-
-#[async_trait]
-impl SandboxSession for FakeSession {
-    type Error = FakeError;
-    fn envd_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], 4000))
-    }
-    fn port_addr(&self, p: u16) -> Option<SocketAddr> {
-        Some(SocketAddr::from(([127, 0, 0, 1], p)))
-    }
-    fn pid(&self) -> Option<u32> {
-        Some(1)
-    }
-    fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::SeqCst)
-    }
-    async fn init(&self, _: &EnvdInit) -> Result<(), FakeError> {
-        self.inits.fetch_add(1, Ordering::SeqCst);
-        if self.fail_init {
-            Err(FakeError("agent refused".into()))
-        } else {
-            Ok(())
-        }
-    }
-    async fn save_continuation(&self, dir: &Path) -> Result<ContinuationSaved, FakeError> {
-        std::fs::write(dir.join("ram.bin"), b"ram").map_err(|e| FakeError(e.to_string()))?;
-        self.alive.store(false, Ordering::SeqCst);
-        Ok(ContinuationSaved {
-            components: vec![("ram".into(), "ram.bin".into())],
-            machine: serde_json::json!({"fake": true}),
-            depends_on: Vec::new(),
-        })
-    }
-    async fn stop(&self) -> Result<(), FakeError> {
-        self.stopped.fetch_add(1, Ordering::SeqCst);
-        self.alive.store(false, Ordering::SeqCst);
-        Ok(())
-    }
-    async fn exited(&self) {
-        loop {
-            let n = self.died.notified();
-            if !self.is_alive() && self.stopped.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            n.await;
-        }
-    }
-}
-
-type Launches = Arc<Mutex<Vec<(PathBuf, bool, Arc<FakeSession>)>>>;
-
-#[derive(Clone, Default)]
-struct FakeLauncher {
-    launched: Launches,
-    fail_init: bool,
-}
-
-impl FakeLauncher {
-    fn sessions(&self) -> Vec<Arc<FakeSession>> {
-        lock(&self.launched)
-            .iter()
-            .map(|l| Arc::clone(&l.2))
-            .collect()
-    }
-    fn count(&self) -> usize {
-        lock(&self.launched).len()
-    }
-}
-
-/// The launcher hands the runtime an `Arc`-shared session so the test can watch it.
-#[derive(Debug)]
-struct Shared(Arc<FakeSession>);
-
-#[async_trait]
-impl SandboxSession for Shared {
-    type Error = FakeError;
-    fn envd_addr(&self) -> SocketAddr {
-        self.0.envd_addr()
-    }
-    fn port_addr(&self, p: u16) -> Option<SocketAddr> {
-        self.0.port_addr(p)
-    }
-    fn pid(&self) -> Option<u32> {
-        self.0.pid()
-    }
-    fn is_alive(&self) -> bool {
-        self.0.is_alive()
-    }
-    async fn init(&self, i: &EnvdInit) -> Result<(), FakeError> {
-        self.0.init(i).await
-    }
-    async fn save_continuation(&self, d: &Path) -> Result<ContinuationSaved, FakeError> {
-        self.0.save_continuation(d).await
-    }
-    async fn stop(&self) -> Result<(), FakeError> {
-        self.0.stop().await
-    }
-    async fn exited(&self) {
-        self.0.exited().await
-    }
-}
-
-#[async_trait]
-impl SnapshotSessionLauncher for FakeLauncher {
-    type Error = FakeError;
-    type Session = Shared;
-    async fn restore_from_snapshot(
-        &mut self,
-        request: &SnapshotRestoreRequest<'_>,
-    ) -> Result<Shared, FakeError> {
-        let s = Arc::new(FakeSession {
-            alive: AtomicBool::new(true),
-            fail_init: self.fail_init,
-            ..FakeSession::default()
-        });
-        lock(&self.launched).push((
-            request.manifest().path().to_path_buf(),
-            request.sealed().is_some(),
-            Arc::clone(&s),
-        ));
-        Ok(Shared(s))
-    }
-}
-
-fn runtime<L>(launcher: L, slots: u32) -> SandboxRuntime<L>
-where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static,
-{
-    let mut config = RuntimeConfig::new(ResourceBudget::new(
-        slots,
-        Size::gib(u64::from(slots)),
-        Size::gib(u64::from(slots)),
-    ));
-    config.restore_disk_floor = Size::ZERO;
-    config.warm_pool_disk_floor = Size::ZERO;
-    config.queue = QueuePolicy { max_pending: 2 };
-    config.queue_wait = Duration::from_secs(5);
-    SandboxRuntime::new(
-        launcher,
-        config,
-        Arc::new(DigestCache::in_memory().with_racy_window(Duration::ZERO)),
-    )
+    waiting
 }
 
 fn start(id: &str, t: &TemplateSnapshot) -> StartSandbox {
@@ -202,16 +64,13 @@ fn sid(s: &str) -> SandboxId {
 
 #[tokio::test]
 async fn start_then_kill_round_trips_capacity() {
-    let dir = tempfile::tempdir().unwrap();
-    let t = template(dir.path(), "b1");
-    let launcher = FakeLauncher::default();
-    let rt = runtime(launcher.clone(), 2);
+    let (_dir, t, launcher, rt) = setup(2);
     let s = rt.start(start("a1", &t)).await.unwrap();
     assert!(!s.from_warm_pool);
     assert_eq!(rt.capacity().active, unit());
     assert!(rt.route(&sid("a1"), 49983).is_some());
     assert!(
-        lock(&launcher.launched)[0].1,
+        launcher.saw_sealed()[0],
         "launcher got the sealed descriptor"
     );
     assert!(matches!(
@@ -231,19 +90,14 @@ async fn start_then_kill_round_trips_capacity() {
 async fn launch_and_init_failures_release_everything() {
     let dir = tempfile::tempdir().unwrap();
     let t = template(dir.path(), "b1");
-    let flaky = Flaky::default();
-    flaky.fail_with(Some("qemu died"));
-    let rt = runtime(flaky, 1);
+    let rt = runtime(FakeLauncher::failing("qemu died"), 1);
     assert!(matches!(
         rt.start(start("a", &t)).await,
         Err(RuntimeError::Launch(_))
     ));
     assert_eq!(rt.capacity().active, ResourceBudget::ZERO);
 
-    let launcher = FakeLauncher {
-        fail_init: true,
-        ..FakeLauncher::default()
-    };
+    let launcher = FakeLauncher::default().with_failing_init();
     let rt = runtime(launcher.clone(), 1);
     assert!(matches!(
         rt.start(start("a", &t)).await,
@@ -256,11 +110,8 @@ async fn launch_and_init_failures_release_everything() {
 
 #[tokio::test]
 async fn tampered_template_launches_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let t = template(dir.path(), "b1");
+    let (dir, t, launcher, rt) = setup(1);
     std::fs::write(dir.path().join("b1").join("ram.img"), vec![4u8; 4096]).unwrap();
-    let launcher = Flaky::default();
-    let rt = runtime(launcher.clone(), 1);
     assert!(matches!(
         rt.start(start("a", &t)).await,
         Err(RuntimeError::Integrity { .. })
@@ -271,16 +122,9 @@ async fn tampered_template_launches_nothing() {
 
 #[tokio::test]
 async fn queued_create_proceeds_when_capacity_frees() {
-    let dir = tempfile::tempdir().unwrap();
-    let t = template(dir.path(), "b1");
-    let rt = runtime(Flaky::default(), 1);
+    let (_dir, t, _, rt) = setup(1);
     rt.start(start("a", &t)).await.unwrap();
-    let rt2 = rt.clone();
-    let t2 = t.clone();
-    let waiting = tokio::spawn(async move { rt2.start(start("b", &t2)).await });
-    while rt.capacity().queued == 0 {
-        tokio::task::yield_now().await;
-    }
+    let waiting = queued_start(&rt, &t, "b").await;
     rt.kill(&sid("a")).await.unwrap();
     let b = waiting.await.unwrap().unwrap();
     assert_eq!(b.sandbox_id, sid("b"));
@@ -290,20 +134,13 @@ async fn queued_create_proceeds_when_capacity_frees() {
 
 #[tokio::test]
 async fn full_queue_refuses_fast_and_timeouts_hold_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let t = template(dir.path(), "b1");
-    let mut rt = runtime(Flaky::default(), 1);
+    let (_dir, t, _, mut rt) = setup(1);
     Arc::get_mut(&mut rt.inner).unwrap().config.queue_wait = Duration::from_millis(200);
     rt.start(start("a", &t)).await.unwrap();
-    let mut waiters = Vec::new();
-    for id in ["b", "c"] {
-        let rt2 = rt.clone();
-        let t2 = t.clone();
-        waiters.push(tokio::spawn(async move { rt2.start(start(id, &t2)).await }));
-    }
-    while rt.capacity().queued < 2 {
-        tokio::task::yield_now().await;
-    }
+    let waiters = [
+        queued_start(&rt, &t, "b").await,
+        queued_start(&rt, &t, "c").await,
+    ];
     let refused = Instant::now();
     assert!(matches!(
         rt.start(start("d", &t)).await,
@@ -322,16 +159,9 @@ async fn full_queue_refuses_fast_and_timeouts_hold_nothing() {
 
 #[tokio::test]
 async fn cancelled_queued_create_leaks_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let t = template(dir.path(), "b1");
-    let rt = runtime(Flaky::default(), 1);
+    let (_dir, t, _, rt) = setup(1);
     rt.start(start("a", &t)).await.unwrap();
-    let rt2 = rt.clone();
-    let t2 = t.clone();
-    let waiting = tokio::spawn(async move { rt2.start(start("b", &t2)).await });
-    while rt.capacity().queued == 0 {
-        tokio::task::yield_now().await;
-    }
+    let waiting = queued_start(&rt, &t, "b").await;
     waiting.abort();
     let _ = waiting.await;
     assert_eq!(rt.capacity().queued, 0);
@@ -342,10 +172,7 @@ async fn cancelled_queued_create_leaks_nothing() {
 
 #[tokio::test]
 async fn warm_pool_checkout_skips_the_restore() {
-    let dir = tempfile::tempdir().unwrap();
-    let t = template(dir.path(), "b1");
-    let launcher = FakeLauncher::default();
-    let rt = runtime(launcher.clone(), 2);
+    let (_dir, t, launcher, rt) = setup(2);
     rt.set_warm_pool(t.clone(), 1);
     assert!(rt.refill_once().await);
     assert!(!rt.refill_once().await, "target already met");
@@ -363,10 +190,7 @@ async fn warm_pool_checkout_skips_the_restore() {
 
 #[tokio::test]
 async fn refill_stands_aside_while_a_create_is_in_flight() {
-    let dir = tempfile::tempdir().unwrap();
-    let t = template(dir.path(), "b1");
-    let launcher = Flaky::default();
-    let rt = runtime(launcher.clone(), 2);
+    let (_dir, t, launcher, rt) = setup(2);
     rt.set_warm_pool(t.clone(), 1);
     lock(&rt.inner.state).starting.insert(sid("busy"), ());
     assert!(!rt.refill_once().await, "refilled during a create");
@@ -378,10 +202,7 @@ async fn refill_stands_aside_while_a_create_is_in_flight() {
 
 #[tokio::test]
 async fn active_creates_evict_warm_entries() {
-    let dir = tempfile::tempdir().unwrap();
-    let t = template(dir.path(), "b1");
-    let launcher = FakeLauncher::default();
-    let rt = runtime(launcher.clone(), 1);
+    let (dir, t, launcher, rt) = setup(1);
     // A warm entry of `t` fills the host; a create of another template must evict it.
     rt.set_warm_pool(t.clone(), 1);
     assert!(rt.refill_once().await);
@@ -397,10 +218,7 @@ async fn active_creates_evict_warm_entries() {
 
 #[tokio::test]
 async fn a_vm_that_dies_is_reaped_and_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let t = template(dir.path(), "b1");
-    let launcher = FakeLauncher::default();
-    let rt = runtime(launcher.clone(), 1);
+    let (_dir, t, launcher, rt) = setup(1);
     let mut exits = rt.exits();
     rt.start(start("a", &t)).await.unwrap();
     launcher.sessions()[0].die();
@@ -415,10 +233,7 @@ async fn a_vm_that_dies_is_reaped_and_reported() {
 
 #[tokio::test]
 async fn pause_seals_a_continuation_and_resume_restores_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let t = template(dir.path(), "b1");
-    let launcher = FakeLauncher::default();
-    let rt = runtime(launcher.clone(), 1);
+    let (dir, t, launcher, rt) = setup(1);
     rt.start(start("a", &t)).await.unwrap();
     let snap = dir.path().join("paused-a");
     let paused = rt.pause(&sid("a"), &snap).await.unwrap();
@@ -437,7 +252,7 @@ async fn pause_seals_a_continuation_and_resume_restores_it() {
         .await
         .unwrap();
     assert!(!resumed.from_warm_pool);
-    assert_eq!(lock(&launcher.launched)[1].0, paused.descriptor);
+    assert_eq!(launcher.artifacts()[1], paused.descriptor);
     // A tampered continuation is refused.
     rt.kill(&sid("a")).await.unwrap();
     std::fs::write(snap.join("ram.bin"), b"RAM").unwrap();
@@ -458,7 +273,7 @@ async fn oversized_requests_are_refused_outright() {
     let dir = tempfile::tempdir().unwrap();
     let mut t = template(dir.path(), "b1");
     t.budget = ResourceBudget::new(64, Size::gib(1), Size::gib(1));
-    let rt = runtime(Flaky::default(), 1);
+    let rt = runtime(FakeLauncher::default(), 1);
     assert!(matches!(
         rt.start(start("a", &t)).await,
         Err(RuntimeError::Oversized(CapacityError::Cpu { .. }))

@@ -2,11 +2,15 @@
 //! reports back, and its error.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use firkin_admission::{CapacityError, QueuePolicy, ResourceBudget};
-use firkin_artifacts::{SealError, SnapshotArtifactIntegrity};
+use firkin_artifacts::{
+    DigestCache, IntegrityError, SealError, SealedSnapshot, SnapshotArtifactIntegrity,
+    SnapshotArtifactKind,
+};
 use firkin_types::{SandboxId, Size, TemplateId};
 
 use crate::disk::SharedDiskProbe;
@@ -63,9 +67,74 @@ pub struct TemplateSnapshot {
     pub budget: ResourceBudget,
 }
 
+/// Sealing a finished template build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateSealError {
+    #[error("sealing the template snapshot: {0}")]
+    Seal(#[from] SealError),
+    #[error("hashing the sealed descriptor: {0}")]
+    Descriptor(#[from] IntegrityError),
+    #[error("the sealing task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 impl TemplateSnapshot {
     pub(super) fn pool_key(&self) -> PathBuf {
         self.descriptor.clone()
+    }
+
+    /// Seals `components` (`(role, file in dir)`) of a finished build in `dir` as a base
+    /// template and records the descriptor's digest, which is what every restore checks first.
+    pub fn seal_blocking(
+        dir: &Path,
+        template_id: &TemplateId,
+        build_id: &str,
+        budget: ResourceBudget,
+        components: &[(&str, &str)],
+        machine: serde_json::Value,
+        cache: &DigestCache,
+    ) -> Result<Self, TemplateSealError> {
+        let (_, manifest) = SealedSnapshot::seal(
+            dir,
+            SNAPSHOT_DESCRIPTOR,
+            SnapshotArtifactKind::BaseTemplate,
+            template_id.as_str(),
+            components,
+            machine,
+            cache,
+        )?;
+        let descriptor = manifest.path().to_path_buf();
+        Ok(Self {
+            template_id: template_id.clone(),
+            build_id: build_id.to_owned(),
+            integrity: SnapshotArtifactIntegrity::from_path(&descriptor)?,
+            descriptor,
+            budget,
+        })
+    }
+
+    /// [`Self::seal_blocking`] off the async threads: sealing hashes every component.
+    pub async fn seal(
+        dir: PathBuf,
+        template_id: TemplateId,
+        build_id: String,
+        budget: ResourceBudget,
+        components: &'static [(&'static str, &'static str)],
+        machine: serde_json::Value,
+        cache: Arc<DigestCache>,
+    ) -> Result<Self, TemplateSealError> {
+        tokio::task::spawn_blocking(move || {
+            Self::seal_blocking(
+                &dir,
+                &template_id,
+                &build_id,
+                budget,
+                components,
+                machine,
+                &cache,
+            )
+        })
+        .await?
     }
 }
 

@@ -10,20 +10,17 @@ use firkin_artifacts::SnapshotArtifactManifest;
 
 use super::admission::{Held, WarmAdmission, WarmRefusal, grant_waiters, into_runtime_error};
 use super::{
-    RuntimeError, SandboxRuntime, StartSandbox, StartedSandbox, TemplateSnapshot, Warm, lock,
-    stop_all,
+    RuntimeError, RuntimeLauncher, SandboxRuntime, StartSandbox, StartedSandbox, TemplateSnapshot,
+    Warm, lock, stop_all,
 };
 use crate::gates::Gates;
-use crate::restore::SnapshotSessionLauncher;
 use crate::samples::BenchmarkSample;
 use crate::session::{EnvdInit, SandboxSession};
 use crate::warm_pool::WarmPoolStatus;
 
 impl<L> SandboxRuntime<L>
 where
-    L: SnapshotSessionLauncher + Clone + Sync + 'static,
-    L::Session: SandboxSession,
-    L::Error: std::error::Error + Send + Sync + 'static,
+    L: RuntimeLauncher,
 {
     pub(super) async fn try_warm_checkout(
         &self,

@@ -3,8 +3,9 @@
 
 use std::path::PathBuf;
 
+use firkin_runtime::pids;
+
 use crate::app::{ServerConfig, delete_sandbox, now_ms, remove_dir};
-use crate::procfs;
 use crate::store::{BuildStatus, RecordState, Store, StoreError};
 
 /// What restart recovery found and did.
@@ -36,7 +37,7 @@ pub(crate) fn recover(store: &Store, config: &ServerConfig) -> Result<RecoveryRe
         match r.state {
             RecordState::Starting | RecordState::Running => {
                 if let (Some(pid), Some(start)) = (r.pid, r.pid_start)
-                    && procfs::kill_if_same(pid, start)
+                    && pids::kill_if_same(pid, start)
                 {
                     tracing::warn!(sandbox = %r.sandbox_id, pid, "killed a VMM that outlived its server");
                     report.killed_processes += 1;
@@ -59,18 +60,9 @@ pub(crate) fn recover(store: &Store, config: &ServerConfig) -> Result<RecoveryRe
 
     // Warm-pool entries and half-started VMs have no record; anything still running from our
     // run directories belongs to a dead server.
-    for pid in procfs::processes_referencing(&paths.sandboxes_dir()) {
-        if procfs::kill_pid(pid) {
-            tracing::warn!(pid, "killed a leftover sandbox process");
-            report.killed_processes += 1;
-        }
-    }
-    if let Ok(entries) = std::fs::read_dir(paths.sandboxes_dir()) {
-        for e in entries.filter_map(Result::ok) {
-            remove_dir(&e.path());
-            report.removed_run_dirs += 1;
-        }
-    }
+    let sweep = pids::sweep_run_dirs(&paths.sandboxes_dir());
+    report.killed_processes += sweep.killed_processes;
+    report.removed_run_dirs += sweep.removed_run_dirs;
 
     // Snapshot directories the database does not know are from a pause that never finished.
     let known: std::collections::HashSet<PathBuf> = store.snapshot_dirs()?.into_iter().collect();

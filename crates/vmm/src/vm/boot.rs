@@ -4,8 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::ready::{ReadyCheck, check_forwards};
-use super::restore::RestoreTimings;
-use super::spawn::{Spawned, guest_secret, spawn_with_ports};
+use super::spawn::{guest_secret, spawn_with_ports};
 use super::{CONSOLE_LOG, Vm, ms};
 use crate::cmdline::{DiskFormat, DiskLayer, Launch, MachineConfig};
 use crate::error::{Result, VmmError};
@@ -47,26 +46,11 @@ impl Vm {
             paused: false,
             secret_file,
         };
-        let Spawned {
-            launch,
-            child,
-            qmp,
-            forwards,
-        } = spawn_with_ports(&req.machine, &req.run_dir, &base, &req.guest_ports, || {
+        let mut vm = spawn_with_ports(&req.machine, &req.run_dir, &base, &req.guest_ports, || {
             Ok(None)
         })
-        .await?;
-        let mut vm = Vm {
-            machine: req.machine,
-            launch,
-            run_dir: req.run_dir,
-            child,
-            qmp,
-            forwards,
-            timings: RestoreTimings::default(),
-            secret,
-            owns_run_dir: true,
-        };
+        .await?
+        .into_vm(req.machine, req.run_dir, secret);
         if let Some(ready) = &req.ready {
             vm.wait_ready(ready, "booting").await?;
         }

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::disk::{create_overlay, qemu_img_for};
 use super::ready::{ReadyCheck, check_forwards};
 use super::snapshot::Snapshot;
-use super::spawn::{Spawned, guest_secret, spawn_with_ports};
+use super::spawn::{guest_secret, spawn_with_ports};
 use super::{CONSOLE_LOG, MIGRATION_TIMEOUT, OVERLAY_FILE, Vm, ms};
 use crate::cmdline::{DiskFormat, DiskLayer, Launch, STATE_FD};
 use crate::error::{Result, VmmError};
@@ -79,12 +79,7 @@ impl Vm {
                 .map_err(VmmError::io("opening", &state_path))
         };
         let t = Instant::now();
-        let Spawned {
-            launch,
-            child,
-            qmp,
-            forwards,
-        } = spawn_with_ports(
+        let spawned = spawn_with_ports(
             &snapshot.machine,
             &req.run_dir,
             &base,
@@ -93,17 +88,7 @@ impl Vm {
         )
         .await?;
         timings.spawn_to_qmp_ms = ms(t.elapsed());
-        let mut vm = Vm {
-            machine: snapshot.machine.clone(),
-            launch,
-            run_dir: req.run_dir,
-            child,
-            qmp,
-            forwards,
-            timings: RestoreTimings::default(),
-            secret,
-            owns_run_dir: true,
-        };
+        let mut vm = spawned.into_vm(snapshot.machine.clone(), req.run_dir, secret);
         let t = Instant::now();
         vm.qmp.set_ignore_shared(true).await?;
         vm.qmp.migrate_incoming(format!("fd:{STATE_FD}")).await?;

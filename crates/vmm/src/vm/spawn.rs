@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{QEMU_LOG, SECRET_FILE, log_tail};
+use super::{QEMU_LOG, RestoreTimings, SECRET_FILE, Vm, log_tail};
 use crate::cmdline::{self, GUEST_SECRET_LEN, Launch, MachineConfig, QMP_FD, STATE_FD};
 use crate::error::{Result, VmmError};
 use crate::process::{self, ChildHandle, ExitInfo};
@@ -117,6 +117,23 @@ pub(super) struct Spawned {
     pub qmp: Qmp,
     /// Guest port → host loopback address, in the caller's order.
     pub forwards: Vec<(u16, SocketAddr)>,
+}
+
+impl Spawned {
+    /// The VM this QEMU runs, owning `run_dir`.
+    pub fn into_vm(self, machine: MachineConfig, run_dir: PathBuf, secret: Option<String>) -> Vm {
+        Vm {
+            machine,
+            launch: self.launch,
+            run_dir,
+            child: self.child,
+            qmp: self.qmp,
+            forwards: self.forwards,
+            timings: RestoreTimings::default(),
+            secret,
+            owns_run_dir: true,
+        }
+    }
 }
 
 /// Spawns `base` with a fresh loopback port forwarded to each of `guest_ports`, retrying when

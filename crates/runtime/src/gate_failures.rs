@@ -1,11 +1,10 @@
-//! Every failure path of the restore gates: what fails, in which order, and that nothing after
-//! a failing gate runs or stays reserved.
+//! Every failure path of the restore gates through the seed contract's faces: what fails, in
+//! which order, and that nothing after a failing gate runs or stays reserved.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use firkin_admission::{CapacityError, CapacityLedger, ResourceBudget};
 use firkin_artifacts::{
     DigestCache, IntegrityError, SealError, SealedSnapshot, SidecarError,
@@ -13,38 +12,14 @@ use firkin_artifacts::{
 };
 use firkin_e2b_contract::{PreparedTemplate, StartSandboxRequest};
 use firkin_e2b_wire::SandboxCreateRequest;
-use firkin_runtime::types::Size;
-use firkin_runtime::{
+use firkin_types::Size;
+
+use crate::testing::{Failed, FakeLauncher};
+use crate::{
     DiskPressureProbe, IntegrityFailure, IntegritySource, RuntimeCubeSandboxCreate,
     RuntimeCubeSandboxCreateConfig, RuntimeCubeSandboxCreateError, RuntimeSnapshotRestore,
-    SnapshotRestoreError, SnapshotRestoreRequest, SnapshotSessionLauncher,
+    SnapshotRestoreError,
 };
-
-#[derive(Default)]
-struct Launcher {
-    calls: Vec<PathBuf>,
-    saw_sealed: Vec<bool>,
-    fail: bool,
-}
-
-#[async_trait]
-impl SnapshotSessionLauncher for Launcher {
-    type Error = String;
-    type Session = String;
-
-    async fn restore_from_snapshot(
-        &mut self,
-        request: &SnapshotRestoreRequest<'_>,
-    ) -> Result<String, String> {
-        self.calls.push(request.manifest().path().to_path_buf());
-        self.saw_sealed.push(request.sealed().is_some());
-        if self.fail {
-            Err("qemu exited".into())
-        } else {
-            Ok("session".into())
-        }
-    }
-}
 
 struct Probe {
     answer: Result<Size, &'static str>,
@@ -92,13 +67,13 @@ const MS: Duration = Duration::from_millis(5);
 async fn expect_capacity_failure(request: ResourceBudget) -> CapacityError {
     let mut l = ledger();
     let manifest = SnapshotArtifactManifest::base("t", "/snapshots/t.vz");
-    let mut launcher = Launcher::default();
+    let mut launcher = FakeLauncher::default();
     let mut probe = Probe::free(Size::gib(100));
     let err = RuntimeSnapshotRestore::new(&mut l, &manifest, request)
         .execute_with_disk_probe_elapsed(&mut launcher, MS, &mut probe)
         .await
         .expect_err("must not fit");
-    assert!(launcher.calls.is_empty());
+    assert_eq!(launcher.attempts(), 0);
     assert_eq!(l.active(), ResourceBudget::ZERO);
     match err {
         SnapshotRestoreError::Capacity(c) => c,
@@ -137,7 +112,7 @@ async fn capacity_already_held_by_others_is_respected() {
     l.reserve_active(ResourceBudget::new(7, Size::gib(1), Size::gib(1)))
         .unwrap();
     let manifest = SnapshotArtifactManifest::base("t", "/snapshots/t.vz");
-    let mut launcher = Launcher::default();
+    let mut launcher = FakeLauncher::default();
     let err = RuntimeSnapshotRestore::new(&mut l, &manifest, budget())
         .execute_with_disk_probe_elapsed(&mut launcher, MS, &mut Probe::free(Size::gib(100)))
         .await
@@ -156,7 +131,7 @@ async fn capacity_already_held_by_others_is_respected() {
 async fn disk_probe_error_reports_floor_and_zero_and_launches_nothing() {
     let mut l = ledger();
     let manifest = SnapshotArtifactManifest::base("t", "/snapshots/t.vz");
-    let mut launcher = Launcher::default();
+    let mut launcher = FakeLauncher::default();
     let mut probe = Probe {
         answer: Err("statvfs: EIO"),
         probed: Vec::new(),
@@ -171,7 +146,7 @@ async fn disk_probe_error_reports_floor_and_zero_and_launches_nothing() {
             if requested == Size::gib(10) && available == Size::ZERO
     ));
     assert_eq!(probe.probed, vec![PathBuf::from("/snapshots")]);
-    assert!(launcher.calls.is_empty());
+    assert_eq!(launcher.attempts(), 0);
     assert_eq!(l.active(), ResourceBudget::ZERO);
 }
 
@@ -179,7 +154,7 @@ async fn disk_probe_error_reports_floor_and_zero_and_launches_nothing() {
 async fn disk_floor_is_configurable_and_inclusive() {
     let mut l = ledger();
     let manifest = SnapshotArtifactManifest::base("t", "/snapshots/t.vz");
-    let mut launcher = Launcher::default();
+    let mut launcher = FakeLauncher::default();
     let ok = RuntimeSnapshotRestore::new(&mut l, &manifest, budget())
         .with_disk_floor(Size::gib(2))
         .execute_with_disk_probe_elapsed(&mut launcher, MS, &mut Probe::free(Size::gib(2)))
@@ -205,20 +180,17 @@ async fn launch_failure_releases_and_reports_the_launcher_error() {
     let dir = tempfile::tempdir().unwrap();
     let (_, manifest) = artifact(dir.path(), b"x");
     let mut l = ledger();
-    let mut launcher = Launcher {
-        fail: true,
-        ..Launcher::default()
-    };
+    let mut launcher = FakeLauncher::failing("qemu exited");
     let err = RuntimeSnapshotRestore::new(&mut l, &manifest, budget())
         .execute_with_disk_probe_elapsed(&mut launcher, MS, &mut Probe::free(Size::gib(100)))
         .await
         .expect_err("launch fails");
     assert!(err.to_string().contains("qemu exited"), "{err}");
     assert_eq!(l.active(), ResourceBudget::ZERO);
-    assert_eq!(launcher.calls.len(), 1);
+    assert_eq!(launcher.attempts(), 1);
 }
 
-fn integrity_failure(err: SnapshotRestoreError<String>) -> IntegrityFailure {
+fn integrity_failure(err: SnapshotRestoreError<Failed>) -> IntegrityFailure {
     match err {
         SnapshotRestoreError::Integrity { source, .. } => source,
         other => panic!("expected integrity failure, got {other:?}"),
@@ -226,45 +198,62 @@ fn integrity_failure(err: SnapshotRestoreError<String>) -> IntegrityFailure {
 }
 
 #[tokio::test]
-async fn missing_sidecar_is_an_integrity_failure() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, manifest) = artifact(dir.path(), b"snapshot");
-    let sidecar = SnapshotArtifactIntegrity::sidecar_path_for_artifact(&path);
-    let mut l = ledger();
-    let mut launcher = Launcher::default();
-    let mut probe = Probe::free(Size::gib(100));
-    let err = RuntimeSnapshotRestore::new(&mut l, &manifest, budget())
-        .execute_with_integrity_sidecar_disk_probe_elapsed(&mut launcher, MS, &sidecar, &mut probe)
-        .await
-        .expect_err("no sidecar");
-    assert!(matches!(
-        integrity_failure(err),
-        IntegrityFailure::Sidecar(SidecarError::Read { .. })
-    ));
-    assert!(probe.probed.is_empty());
-    assert!(launcher.calls.is_empty());
-    assert_eq!(l.active(), ResourceBudget::ZERO);
+async fn a_missing_or_corrupt_sidecar_is_an_integrity_failure() {
+    type Expected = fn(&SidecarError) -> bool;
+    let cases: [(Option<&[u8]>, Expected); 2] = [
+        (None, |e| matches!(e, SidecarError::Read { .. })),
+        (Some(b"{\"size_bytes\":8,"), |e| {
+            matches!(e, SidecarError::Decode { .. })
+        }),
+    ];
+    for (content, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, manifest) = artifact(dir.path(), b"snapshot");
+        let sidecar = SnapshotArtifactIntegrity::sidecar_path_for_artifact(&path);
+        if let Some(content) = content {
+            std::fs::write(&sidecar, content).unwrap();
+        }
+        let mut l = ledger();
+        let mut launcher = FakeLauncher::default();
+        let mut probe = Probe::free(Size::gib(100));
+        let err = RuntimeSnapshotRestore::new(&mut l, &manifest, budget())
+            .execute_with_integrity_sidecar_disk_probe_elapsed(
+                &mut launcher,
+                MS,
+                &sidecar,
+                &mut probe,
+            )
+            .await
+            .expect_err("no usable sidecar");
+        let failure = integrity_failure(err);
+        assert!(
+            matches!(&failure, IntegrityFailure::Sidecar(e) if expected(e)),
+            "{failure}"
+        );
+        assert!(probe.probed.is_empty());
+        assert_eq!(launcher.attempts(), 0);
+        assert_eq!(l.active(), ResourceBudget::ZERO);
+    }
 }
 
-#[tokio::test]
-async fn corrupt_sidecar_is_an_integrity_failure() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, manifest) = artifact(dir.path(), b"snapshot");
-    let sidecar = SnapshotArtifactIntegrity::sidecar_path_for_artifact(&path);
-    std::fs::write(&sidecar, b"{\"size_bytes\":8,").unwrap();
-    let mut l = ledger();
-    let mut launcher = Launcher::default();
-    let mut probe = Probe::free(Size::gib(100));
-    let err = RuntimeSnapshotRestore::new(&mut l, &manifest, budget())
-        .execute_with_integrity_sidecar_disk_probe_elapsed(&mut launcher, MS, &sidecar, &mut probe)
+/// A restore of `manifest` checked against `record` through `cache`.
+async fn restore_against(
+    l: &mut CapacityLedger,
+    manifest: &SnapshotArtifactManifest,
+    cache: &DigestCache,
+    record: &SnapshotArtifactIntegrity,
+    launcher: &mut FakeLauncher,
+) -> Result<(), SnapshotRestoreError<Failed>> {
+    RuntimeSnapshotRestore::new(l, manifest, budget())
+        .with_digest_cache(cache)
+        .execute_with_integrity_disk_probe_elapsed(
+            launcher,
+            MS,
+            record,
+            &mut Probe::free(Size::gib(100)),
+        )
         .await
-        .expect_err("corrupt sidecar");
-    assert!(matches!(
-        integrity_failure(err),
-        IntegrityFailure::Sidecar(SidecarError::Decode { .. })
-    ));
-    assert!(probe.probed.is_empty());
-    assert!(launcher.calls.is_empty());
+        .map(drop)
 }
 
 #[tokio::test]
@@ -276,14 +265,8 @@ async fn size_mismatch_and_digest_mismatch_are_told_apart() {
 
     std::fs::write(&path, b"snapshot+").unwrap();
     let mut l = ledger();
-    let err = RuntimeSnapshotRestore::new(&mut l, &manifest, budget())
-        .with_digest_cache(&cache)
-        .execute_with_integrity_disk_probe_elapsed(
-            &mut Launcher::default(),
-            MS,
-            &record,
-            &mut Probe::free(Size::gib(100)),
-        )
+    let mut launcher = FakeLauncher::default();
+    let err = restore_against(&mut l, &manifest, &cache, &record, &mut launcher)
         .await
         .expect_err("grown file");
     assert!(matches!(
@@ -296,14 +279,7 @@ async fn size_mismatch_and_digest_mismatch_are_told_apart() {
     ));
 
     std::fs::write(&path, b"SNAPSHOT").unwrap();
-    let err = RuntimeSnapshotRestore::new(&mut l, &manifest, budget())
-        .with_digest_cache(&cache)
-        .execute_with_integrity_disk_probe_elapsed(
-            &mut Launcher::default(),
-            MS,
-            &record,
-            &mut Probe::free(Size::gib(100)),
-        )
+    let err = restore_against(&mut l, &manifest, &cache, &record, &mut launcher)
         .await
         .expect_err("same size, other bytes");
     assert!(matches!(
@@ -321,37 +297,23 @@ async fn cached_check_still_refuses_a_same_size_rewrite() {
     let record = SnapshotArtifactIntegrity::from_path(&path).unwrap();
     let cache = DigestCache::in_memory().with_racy_window(Duration::from_millis(10));
     let mut l = ledger();
-    let mut launcher = Launcher::default();
+    let mut launcher = FakeLauncher::default();
     for _ in 0..2 {
-        RuntimeSnapshotRestore::new(&mut l, &manifest, budget())
-            .with_digest_cache(&cache)
-            .execute_with_integrity_disk_probe_elapsed(
-                &mut launcher,
-                MS,
-                &record,
-                &mut Probe::free(Size::gib(100)),
-            )
+        restore_against(&mut l, &manifest, &cache, &record, &mut launcher)
             .await
             .expect("unchanged artifact restores");
     }
     assert_eq!(cache.len(), 1, "the second check was a cache hit");
     std::thread::sleep(Duration::from_millis(30));
     std::fs::write(&path, b"snapsh0t").unwrap();
-    let err = RuntimeSnapshotRestore::new(&mut l, &manifest, budget())
-        .with_digest_cache(&cache)
-        .execute_with_integrity_disk_probe_elapsed(
-            &mut launcher,
-            MS,
-            &record,
-            &mut Probe::free(Size::gib(100)),
-        )
+    let err = restore_against(&mut l, &manifest, &cache, &record, &mut launcher)
         .await
         .expect_err("rewritten artifact");
     assert!(matches!(
         integrity_failure(err),
         IntegrityFailure::Artifact(IntegrityError::DigestMismatch { .. })
     ));
-    assert_eq!(launcher.calls.len(), 2);
+    assert_eq!(launcher.attempts(), 2);
 }
 
 fn sealed_template(dir: &Path) -> PathBuf {
@@ -376,7 +338,7 @@ async fn sealed_snapshot_hands_verified_descriptor_to_the_launcher() {
     let descriptor = sealed_template(dir.path());
     let manifest = SnapshotArtifactManifest::base("base", &descriptor);
     let mut l = ledger();
-    let mut launcher = Launcher::default();
+    let mut launcher = FakeLauncher::default();
     let report = RuntimeSnapshotRestore::new(&mut l, &manifest, budget())
         .with_digest_cache(&cache())
         .sealed_snapshot()
@@ -388,7 +350,7 @@ async fn sealed_snapshot_hands_verified_descriptor_to_the_launcher() {
         )
         .await
         .expect("sealed restore");
-    assert_eq!(launcher.saw_sealed, vec![true]);
+    assert_eq!(launcher.saw_sealed(), vec![true]);
     assert_eq!(
         report.sealed().and_then(|s| s.component_path("ram")),
         Some(dir.path().join("ram.img"))
@@ -405,7 +367,7 @@ async fn one_flipped_byte_in_a_sealed_component_blocks_everything() {
     std::fs::write(&ram, bytes).unwrap();
     let manifest = SnapshotArtifactManifest::base("base", &descriptor);
     let mut l = ledger();
-    let mut launcher = Launcher::default();
+    let mut launcher = FakeLauncher::default();
     let mut probe = Probe::free(Size::gib(100));
     let err = RuntimeSnapshotRestore::new(&mut l, &manifest, budget())
         .with_digest_cache(&cache())
@@ -424,7 +386,7 @@ async fn one_flipped_byte_in_a_sealed_component_blocks_everything() {
         "{failure}"
     );
     assert!(probe.probed.is_empty());
-    assert!(launcher.calls.is_empty());
+    assert_eq!(launcher.attempts(), 0);
     assert_eq!(l.active(), ResourceBudget::ZERO);
 }
 
@@ -440,7 +402,7 @@ async fn cube_create_without_prepared_template_is_refused() {
     };
     let config =
         RuntimeCubeSandboxCreateConfig::new("sbx1", "localhost", "0.6.4", "a", "b", 1, 512);
-    let mut launcher = Launcher::default();
+    let mut launcher = FakeLauncher::default();
     let err = RuntimeCubeSandboxCreate::new(&mut l, &request, budget(), config)
         .execute_with_disk_probe_elapsed(&mut launcher, MS, &mut Probe::free(Size::gib(100)))
         .await
@@ -449,7 +411,7 @@ async fn cube_create_without_prepared_template_is_refused() {
         err,
         RuntimeCubeSandboxCreateError::MissingPreparedTemplate { ref template_id } if template_id == "missing"
     ));
-    assert!(launcher.calls.is_empty());
+    assert_eq!(launcher.attempts(), 0);
 }
 
 #[tokio::test]
@@ -469,7 +431,7 @@ async fn cube_create_without_inline_integrity_or_sidecar_is_refused() {
     let config =
         RuntimeCubeSandboxCreateConfig::new("sbx1", "localhost", "0.6.4", "a", "b", 1, 512);
     let mut l = ledger();
-    let mut launcher = Launcher::default();
+    let mut launcher = FakeLauncher::default();
     let err = RuntimeCubeSandboxCreate::new(&mut l, &request, budget(), config)
         .execute_with_disk_probe_elapsed(&mut launcher, MS, &mut Probe::free(Size::gib(100)))
         .await
@@ -478,6 +440,6 @@ async fn cube_create_without_inline_integrity_or_sidecar_is_refused() {
         err,
         RuntimeCubeSandboxCreateError::Restore(SnapshotRestoreError::Integrity { .. })
     ));
-    assert!(launcher.calls.is_empty());
+    assert_eq!(launcher.attempts(), 0);
     assert_eq!(l.active(), ResourceBudget::ZERO);
 }
