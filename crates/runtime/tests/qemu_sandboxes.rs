@@ -133,6 +133,24 @@ fn start(id: &str, source: SandboxSource, token: &str) -> StartSandbox {
     }
 }
 
+/// A runtime of its own (run directories under `name`) with one sandbox `id` restored from the
+/// shared template.
+async fn one_sandbox(
+    name: &str,
+    id: &str,
+    token: &str,
+) -> (SandboxRuntime<QemuLauncher>, PathBuf, SandboxId) {
+    let (rt, sandboxes) = runtime(name);
+    rt.start(start(
+        id,
+        SandboxSource::Template(template().clone()),
+        token,
+    ))
+    .await
+    .unwrap();
+    (rt, sandboxes, SandboxId::new(id).unwrap())
+}
+
 async fn sh(rt: &SandboxRuntime<QemuLauncher>, id: &str, token: &str, cmd: &str) -> (i32, String) {
     sh_as(rt, id, token, None, cmd).await
 }
@@ -277,12 +295,7 @@ async fn three_concurrent_sandboxes_compute_and_are_isolated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_and_resume_keep_files_and_processes() {
-    let t = template().clone();
-    let (rt, sandboxes) = runtime("pause");
-    let id = SandboxId::new("sbxp").unwrap();
-    rt.start(start("sbxp", SandboxSource::Template(t), "tok-p"))
-        .await
-        .unwrap();
+    let (rt, sandboxes, id) = one_sandbox("pause", "sbxp", "tok-p").await;
     sh(&rt, "sbxp", "tok-p", "echo kept > /home/user/note").await;
     let pid = sh(
         &rt,
@@ -618,12 +631,7 @@ async fn assert_guest_clock_is_the_hosts(
 /// kvm-clock clocksource, not jiffies' 4 ms steps).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_time_is_the_hosts_and_fine_grained_across_restore_and_resume() {
-    let t = template().clone();
-    let (rt, sandboxes) = runtime("time");
-    let id = SandboxId::new("sbxt").unwrap();
-    rt.start(start("sbxt", SandboxSource::Template(t), "tok-t"))
-        .await
-        .unwrap();
+    let (rt, sandboxes, id) = one_sandbox("time", "sbxt", "tok-t").await;
     assert_guest_clock_is_the_hosts(&rt, "sbxt", "tok-t", "after a restore").await;
 
     let source = root_sh(

@@ -76,7 +76,7 @@ impl TemplateBuilder for QemuTemplateBuilder {
 
     fn guest_fingerprint(&self) -> Option<String> {
         self.fingerprint
-            .get_or_init(|| match self.assets.fingerprint(&self.cache) {
+            .get_or_init(|| match self.assets.fingerprint(&self.cache, self.accel.accel) {
                 Ok(f) => Some(f),
                 Err(err) => {
                     // Without it any finished build is adopted, as before fingerprints.

@@ -2,6 +2,7 @@ use std::path::{Path, PathBuf};
 
 use firkin_artifacts::DigestCache;
 use firkin_guest::KernelAssets;
+use firkin_vmm::Accel;
 
 use crate::paths::FirkinPaths;
 
@@ -60,9 +61,11 @@ impl GuestAssets {
         })
     }
 
-    /// SHA-256 over the digests of everything a build copies into the guest: kernel, modules,
-    /// `firkin-init`, `firkin-envd`. A template built from other assets is stale.
-    pub fn fingerprint(&self, cache: &DigestCache) -> std::io::Result<String> {
+    /// SHA-256 over the digests of everything a build copies into the guest (kernel, modules,
+    /// `firkin-init`, `firkin-envd`) and the kernel command line a build under `accel` boots
+    /// with. A template built from other assets, or booted with another command line (its
+    /// clocksource, say), is stale.
+    pub fn fingerprint(&self, cache: &DigestCache, accel: Accel) -> std::io::Result<String> {
         use sha2::{Digest, Sha256};
         let k = &self.kernel;
         let files = std::iter::once(("kernel", &k.vmlinuz))
@@ -73,6 +76,61 @@ impl GuestAssets {
             let (d, _) = cache.digest(path)?;
             all.update(format!("{role} {} {}\n", d.size_bytes, d.sha256_hex).as_bytes());
         }
+        let cmdline = firkin_vmm::cmdline::default_kernel_cmdline(accel);
+        all.update(format!("cmdline {cmdline}\n").as_bytes());
         Ok(hex::encode(all.finalize()))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn assets(dir: &Path) -> GuestAssets {
+        let file = |name: &str, body: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, body).unwrap();
+            p
+        };
+        GuestAssets {
+            kernel: KernelAssets {
+                version: "6.1.0-test".into(),
+                package: "linux-image-test".into(),
+                vmlinuz: file("vmlinuz", "kernel"),
+                modules: vec![file("virtio.ko", "module")],
+            },
+            init: file("firkin-init", "init"),
+            envd: file("firkin-envd", "envd"),
+        }
+    }
+
+    /// A template booted with another kernel command line (under TCG `tsc=reliable` decides
+    /// the guest's clocksource) must not be adopted: the fingerprint covers the command line.
+    #[test]
+    fn the_fingerprint_covers_the_kernel_command_line_and_every_asset() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = assets(dir.path());
+        let tcg = a
+            .fingerprint(&DigestCache::in_memory(), Accel::Tcg)
+            .unwrap();
+        let kvm = a
+            .fingerprint(&DigestCache::in_memory(), Accel::Kvm)
+            .unwrap();
+        assert_ne!(
+            tcg, kvm,
+            "the two accelerators boot different command lines"
+        );
+        assert_eq!(
+            tcg,
+            a.fingerprint(&DigestCache::in_memory(), Accel::Tcg)
+                .unwrap()
+        );
+        std::fs::write(&a.envd, "another envd").unwrap();
+        assert_ne!(
+            tcg,
+            a.fingerprint(&DigestCache::in_memory(), Accel::Tcg)
+                .unwrap()
+        );
     }
 }

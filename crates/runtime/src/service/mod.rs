@@ -351,12 +351,26 @@ where
     pub async fn shutdown(&self) {
         let sessions: Vec<Arc<L::Session>> = {
             let mut st = lock(&self.inner.state);
-            let mut all: Vec<_> = st.active.drain().map(|(_, a)| a.session).collect();
-            for (_, q) in st.warm.drain() {
-                all.extend(q.into_iter().map(|w| w.session));
+            let active: Vec<Active<L::Session>> = st.active.drain().map(|(_, a)| a).collect();
+            let warm: Vec<Warm<L::Session>> = st.warm.drain().flat_map(|(_, q)| q).collect();
+            // Only what these sessions hold is given back: creates still in flight hold
+            // reservations of their own and return them when they end. (Resetting the whole
+            // ledger here made each of those returns fail.)
+            for a in &active {
+                if let Err(err) = st.ledger.release_active(a.budget) {
+                    tracing::error!(%err, "releasing a sandbox's capacity at shutdown");
+                }
             }
-            st.ledger = CapacityLedger::new(self.inner.config.capacity);
-            all
+            for w in &warm {
+                if let Err(err) = st.ledger.release_warm(w.budget) {
+                    tracing::error!(%err, "releasing a warm sandbox's capacity at shutdown");
+                }
+            }
+            active
+                .into_iter()
+                .map(|a| a.session)
+                .chain(warm.into_iter().map(|w| w.session))
+                .collect()
         };
         for s in sessions {
             let _ = s.stop().await;
