@@ -9,6 +9,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+mod envd;
+pub use envd::EnvdInit;
+
 #[cfg(feature = "axum")]
 mod api_error;
 #[cfg(feature = "axum")]

@@ -43,6 +43,9 @@ pub enum ClientError {
     /// A response could not be decoded.
     #[error("malformed response: {0}")]
     Decode(String),
+    /// A request body could not be encoded.
+    #[error("encoding the request: {0}")]
+    Encode(String),
 }
 
 /// A body made of one buffer.
@@ -244,13 +247,16 @@ impl Client {
     }
 
     /// `POST /init` with a JSON body (see the protocol reference §4.4).
-    pub async fn init(&self, body: &Value) -> Result<(), ClientError> {
+    /// `POST /init` with `body`: a [`firkin_e2b_wire::EnvdInit`], or any JSON a test wants on
+    /// the wire.
+    pub async fn init(&self, body: &impl serde::Serialize) -> Result<(), ClientError> {
+        let body = serde_json::to_string(body).map_err(|e| ClientError::Encode(e.to_string()))?;
         let (status, _, resp) = self
             .fetch(
                 Method::POST,
                 "/init",
                 &[("content-type", "application/json")],
-                full(body.to_string()),
+                full(body),
             )
             .await?;
         success(status, &resp)

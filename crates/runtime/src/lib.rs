@@ -57,7 +57,7 @@ pub use service::{
     SNAPSHOT_DESCRIPTOR, SandboxExit, SandboxRuntime, SandboxSource, StartSandbox, StartedSandbox,
     TemplateSealError, TemplateSnapshot,
 };
-pub use session::{ContinuationSaved, EnvdInit, SandboxSession};
+pub use session::{ContinuationSaved, EnvdInit, SandboxSession, fresh_init, wall_clock_now};
 pub use warm_pool::{WarmPoolFailure, WarmPoolStatus};
 
 #[cfg(feature = "snapshot")]

@@ -1,59 +1,28 @@
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 
-/// What the runtime tells a sandbox's agent right after a restore or a warm-pool checkout
-/// (envd's `POST /init`). Clones of one snapshot share the snapshot's clock, RNG state and
-/// configuration, so every restore gets fresh values here before the sandbox is handed out.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EnvdInit {
-    pub env_vars: BTreeMap<String, String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub access_token: Option<String>,
-    /// RFC 3339 wall-clock time at the moment of the call.
-    pub timestamp: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub default_user: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub default_workdir: Option<String>,
-    /// Base64 of fresh random bytes for the guest kernel RNG.
-    pub entropy: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hostname: Option<String>,
-    /// The guest NIC's new MAC address (a clone of a template takes its own; a resumed sandbox
-    /// keeps the one it had). Set by the launcher, which chose it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mac_address: Option<String>,
-    /// A warm-pool checkout: the agent refuses (and the entry is discarded) if any process
-    /// runs that its template did not have.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub require_template_processes_only: bool,
+pub use firkin_e2b_wire::EnvdInit;
+
+/// The host's wall clock now, as `/init` carries it.
+pub fn wall_clock_now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
-impl EnvdInit {
-    /// The host's wall clock now, as `/init` carries it.
-    pub fn now() -> String {
-        time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default()
-    }
-
-    /// What every restore needs whoever asks: the wall clock now, 32 fresh random bytes for the
-    /// guest kernel's RNG (clones share the snapshot's RNG state), and a hostname.
-    pub fn fresh(hostname: &str) -> Self {
-        use base64::Engine;
-        let mut seed = [0u8; 32];
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut seed);
-        Self {
-            timestamp: Self::now(),
-            entropy: base64::engine::general_purpose::STANDARD.encode(seed),
-            hostname: Some(hostname.to_owned()),
-            ..Self::default()
-        }
+/// What every restore needs whoever asks: the wall clock now, 32 fresh random bytes for the
+/// guest kernel's RNG (clones share the snapshot's RNG state), and a hostname.
+pub fn fresh_init(hostname: &str) -> EnvdInit {
+    use base64::Engine;
+    let mut seed = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut seed);
+    EnvdInit {
+        timestamp: Some(wall_clock_now()),
+        entropy: Some(base64::engine::general_purpose::STANDARD.encode(seed)),
+        hostname: Some(hostname.to_owned()),
+        ..EnvdInit::default()
     }
 }
 

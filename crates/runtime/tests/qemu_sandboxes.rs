@@ -116,10 +116,8 @@ fn init(token: &str, env: &[(&str, &str)]) -> EnvdInit {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect::<BTreeMap<_, _>>(),
         access_token: Some(token.to_owned()),
-        timestamp: time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap(),
-        entropy: "c2VlZCBieXRlcyBmb3IgdGhlIGtlcm5lbA==".into(),
+        timestamp: Some(firkin_runtime::wall_clock_now()),
+        entropy: Some("c2VlZCBieXRlcyBmb3IgdGhlIGtlcm5lbA==".into()),
         hostname: Some("sandbox".into()),
         ..EnvdInit::default()
     }

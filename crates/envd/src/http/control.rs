@@ -1,6 +1,5 @@
 //! `/health`, `/init`, `/envs` and `/metrics`.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -9,9 +8,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+
+use firkin_e2b_wire::EnvdInit;
 
 use super::{ApiError, ENVD_VERSION};
 use crate::state::{Envd, Mode};
@@ -21,33 +22,11 @@ pub(super) async fn health() -> Response {
     (StatusCode::NO_CONTENT, [("x-envd-version", ENVD_VERSION)]).into_response()
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct InitRequest {
-    env_vars: Option<BTreeMap<String, String>>,
-    access_token: Option<String>,
-    timestamp: Option<String>,
-    default_user: Option<String>,
-    default_workdir: Option<String>,
-    /// firkin: base64 seed for the kernel RNG (snapshot clones share RNG state).
-    entropy: Option<String>,
-    /// firkin: hostname to set (guest mode only).
-    hostname: Option<String>,
-    /// firkin: MAC address for the guest's Ethernet interface (guest mode only).
-    mac_address: Option<String>,
-    /// firkin: the processes running now are the template's own (a template build sends this
-    /// just before its snapshot).
-    mark_template_processes: Option<bool>,
-    /// firkin: refuse with 409, changing nothing, if any process runs that is not the
-    /// template's (a warm-pool checkout sends this: an entry that ran anything is discarded).
-    require_template_processes_only: Option<bool>,
-}
-
 /// Configures the agent. The token gate in front of it has already checked that a request
 /// replacing an existing token carries that token.
 pub(super) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Result<Response, ApiError> {
-    let req: InitRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        InitRequest::default()
+    let req: EnvdInit = if body.iter().all(u8::is_ascii_whitespace) {
+        EnvdInit::default()
     } else {
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("invalid /init body: {e}")))?
@@ -91,10 +70,10 @@ pub(super) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Result<R
         })
         .transpose()?;
 
-    if req.require_template_processes_only == Some(true) {
+    if req.require_template_processes_only {
         require_template_processes_only(&envd)?;
     }
-    if req.mark_template_processes == Some(true) && envd.mode == Mode::Guest {
+    if req.mark_template_processes && envd.mode == Mode::Guest {
         let pids = crate::baseline::all_pids(std::path::Path::new("/proc"))
             .map_err(|e| ApiError::internal(format!("listing /proc: {e}")))?;
         tracing::info!(processes = pids.len(), "template processes marked");
@@ -128,9 +107,7 @@ pub(super) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Result<R
     }
 
     envd.update_settings(|s| {
-        if let Some(vars) = req.env_vars {
-            s.env_vars.extend(vars);
-        }
+        s.env_vars.extend(req.env_vars);
         if let Some(token) = req.access_token {
             s.access_token = (!token.is_empty()).then_some(token);
         }
@@ -141,7 +118,7 @@ pub(super) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Result<R
             s.default_workdir = (!dir.is_empty()).then(|| PathBuf::from(dir));
         }
     });
-    if req.mark_template_processes == Some(true) {
+    if req.mark_template_processes {
         // The last request of a template build: its snapshot follows.
         envd.forget_host_secret();
     }

@@ -69,8 +69,7 @@ impl SandboxSession for ProcessSession {
     async fn init(&self, init: &EnvdInit) -> Result<(), ProcessError> {
         let err = |e: &dyn std::fmt::Display| ProcessError::Init(e.to_string());
         let client = EnvdClient::new(&format!("http://{}", self.addr)).map_err(|e| err(&e))?;
-        let body = serde_json::to_value(init).map_err(|e| err(&e))?;
-        tokio::time::timeout(Duration::from_secs(10), client.init(&body))
+        tokio::time::timeout(Duration::from_secs(10), client.init(init))
             .await
             .map_err(|_| err(&"timed out"))?
             .map_err(|e| err(&e))

@@ -259,11 +259,10 @@ impl SandboxSession for QemuSession {
         // guest set to the request's time would run that far behind the host.
         let init = EnvdInit {
             mac_address: self.mac.clone(),
-            timestamp: EnvdInit::now(),
+            timestamp: Some(crate::session::wall_clock_now()),
             ..init.clone()
         };
-        let body = serde_json::to_value(&init).map_err(|e| err(e.to_string()))?;
-        tokio::time::timeout(Duration::from_secs(20), client.init(&body))
+        tokio::time::timeout(Duration::from_secs(20), client.init(&init))
             .await
             .map_err(|_| err("no answer within 20 s".into()))?
             .map_err(|e| err(e.to_string()))?;
@@ -292,17 +291,17 @@ impl SandboxSession for QemuSession {
         let started = std::time::Instant::now();
         let init = EnvdInit {
             mac_address: self.mac.clone(),
-            ..EnvdInit::fresh("firkin-warm")
+            ..crate::session::fresh_init("firkin-warm")
         };
-        let Ok(body) = serde_json::to_value(&init) else {
-            return;
-        };
-        let _ = client.init(&body).await;
+        let _ = client.init(&init).await;
         let _ = client.run("true").await;
         // The checkout's process check, once now: the agent learns which new pids are kernel
         // threads (each costs a /proc read under TCG), so the checkout reads only pids born
         // since. An entry running anything else fails it again at checkout and is discarded.
-        let check = serde_json::json!({ "requireTemplateProcessesOnly": true });
+        let check = EnvdInit {
+            require_template_processes_only: true,
+            ..EnvdInit::default()
+        };
         if let Err(err) = client.init(&check).await {
             tracing::warn!(%err, "warm sandbox failed its process check");
         }

@@ -240,7 +240,10 @@ async fn build_inner(
     // What runs now is the template's own; a warm clone running anything else at its checkout
     // is discarded.
     client
-        .init(&serde_json::json!({ "markTemplateProcesses": true }))
+        .init(&crate::EnvdInit {
+            mark_template_processes: true,
+            ..crate::EnvdInit::default()
+        })
         .await
         .map_err(|e| TemplateBuildError::Mark(e.to_string()))?;
 

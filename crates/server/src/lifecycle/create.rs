@@ -250,6 +250,6 @@ pub(super) fn envd_init(r: &SandboxRecord) -> EnvdInit {
     EnvdInit {
         env_vars: r.env_vars.clone(),
         access_token: Some(r.access_token.clone()),
-        ..EnvdInit::fresh(r.sandbox_id.as_str())
+        ..firkin_runtime::fresh_init(r.sandbox_id.as_str())
     }
 }
