@@ -33,6 +33,7 @@ from e2b import (
     NotFoundException,
     Sandbox,
     SandboxException,
+    TimeoutException,
 )
 from e2b.sandbox.commands.command_handle import PtySize
 
@@ -467,3 +468,27 @@ def test_signed_urls(sbx, tmp):
     # A read signature does not authorize a write.
     r = httpx.post(url, files={"file": ("x", b"x")})
     assert r.status_code == 401
+
+
+# ---------------------------------------------------------------- parity with E2B's envd (issue 18)
+
+
+def run_async(envd, fn):
+    """Runs `fn(async_sandbox)` to completion and returns its result."""
+
+    async def main():
+        return await fn(envd.sandbox(cls=AsyncSandbox))
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "path",
+    # procfs reports size 0 and sysfs 4096, whatever the content is.
+    ["/proc/sys/kernel/random/boot_id", "/sys/devices/system/cpu/online"],
+)
+def test_read_pseudo_files_returns_their_content(sbx, envd, path):
+    want = Path(path).read_text()
+    assert want
+    assert sbx.files.read(path) == want
+    assert run_async(envd, lambda s: s.files.read(path)) == want

@@ -130,7 +130,8 @@ pub async fn download(
                 "path is a directory",
             ));
         }
-        Ok((file, meta.len()))
+        let len = trusted_len(&file, &meta);
+        Ok((file, len))
     })
     .await
     .map_err(|e| ApiError::from_io(&e, &path.display().to_string()))?;
@@ -146,11 +147,37 @@ pub async fn download(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/octet-stream"),
     );
-    headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+    // Without a length hyper sends the body chunked, until the file ends.
+    if let Some(len) = len {
+        headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+    }
     if let Ok(v) = header::HeaderValue::from_str(&format!("inline; filename=\"{name}\"")) {
         headers.insert(header::CONTENT_DISPOSITION, v);
     }
     Ok((StatusCode::OK, headers, Body::from_stream(stream)).into_response())
+}
+
+/// The size a download can announce, or `None` when the file's real length is only known
+/// by reading it: procfs says 0 and sysfs 4096 whatever the content, and neither is a regular
+/// file anyone writes. A wrong `Content-Length` truncates the body or breaks the connection.
+fn trusted_len(file: &std::fs::File, meta: &std::fs::Metadata) -> Option<u64> {
+    const PSEUDO: [i64; 8] = [
+        0x9fa0,      // proc
+        0x6265_6572, // sysfs
+        0x6462_6720, // debugfs
+        0x7472_6163, // tracefs
+        0x7363_6673, // securityfs
+        0x6367_7270, // cgroup2
+        0x0027_e0eb, // cgroup
+        0x6266_7573, // bpf
+    ];
+    if !meta.is_file() || meta.len() == 0 {
+        return None;
+    }
+    match nix::sys::statfs::fstatfs(file) {
+        Ok(fs) if PSEUDO.contains(&fs.filesystem_type().0) => None,
+        _ => Some(meta.len()),
+    }
 }
 
 /// One entry of the upload answer.
@@ -380,6 +407,22 @@ async fn write_file<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pseudo_files_announce_no_length() {
+        let len = |path: &str| {
+            let file = std::fs::File::open(path).unwrap();
+            trusted_len(&file, &file.metadata().unwrap())
+        };
+        assert_eq!(len("/proc/self/status"), None);
+        assert_eq!(len("/sys/devices/system/cpu/online"), None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"").unwrap();
+        assert_eq!(len(path.to_str().unwrap()), None);
+        std::fs::write(&path, b"12345").unwrap();
+        assert_eq!(len(path.to_str().unwrap()), Some(5));
+    }
 
     #[test]
     fn unescapes_httpx_filenames() {
