@@ -492,3 +492,21 @@ def test_read_pseudo_files_returns_their_content(sbx, envd, path):
     assert want
     assert sbx.files.read(path) == want
     assert run_async(envd, lambda s: s.files.read(path)) == want
+
+
+def test_overwrite_replaces_metadata(sbx, envd, tmp):
+    path = f"{tmp}/meta.txt"
+    sbx.files.write(path, "first", metadata={"author": "mish"})
+    info = sbx.files.write(path, "second")
+    assert info.metadata is None
+    assert sbx.files.get_info(path).metadata is None
+    # New metadata replaces the old set, it is not merged into it.
+    sbx.files.write(path, "third", metadata={"a": "1"})
+    sbx.files.write(path, "fourth", metadata={"b": "2"}, use_octet_stream=True)
+    assert sbx.files.get_info(path).metadata == {"b": "2"}
+
+    async def overwrite(s):
+        await s.files.write(path, "fifth")
+        return (await s.files.get_info(path)).metadata
+
+    assert run_async(envd, overwrite) is None

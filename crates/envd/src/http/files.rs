@@ -338,6 +338,24 @@ fn write_info(path: &Path, metadata: &[(String, String)]) -> WriteInfo {
     }
 }
 
+/// Makes the file's metadata exactly `metadata`: as upstream, an overwrite drops what an
+/// earlier upload stored instead of merging into it.
+fn replace_metadata(path: &Path, metadata: &[(String, String)]) -> io::Result<()> {
+    for (key, _) in fsops::read_metadata(path) {
+        if metadata.iter().any(|(k, _)| *k == key) {
+            continue;
+        }
+        match xattr::remove(path, format!("{}{key}", fsops::METADATA_XATTR_PREFIX)) {
+            Err(e) if e.raw_os_error() != Some(libc::ENODATA) => return Err(e),
+            _ => {}
+        }
+    }
+    if metadata.is_empty() {
+        return Ok(());
+    }
+    fsops::write_metadata(path, metadata)
+}
+
 /// Creates (as `user`) the parent directories and the file, then copies `reader` into it.
 async fn write_file<R: AsyncRead + Unpin>(
     envd: &Envd,
@@ -365,9 +383,7 @@ async fn write_file<R: AsyncRead + Unpin>(
             .create(true)
             .truncate(true)
             .open(&p)?;
-        if !meta.is_empty() {
-            fsops::write_metadata(&p, &meta)?;
-        }
+        replace_metadata(&p, &meta)?;
         Ok(file)
     })
     .await
