@@ -510,3 +510,23 @@ def test_overwrite_replaces_metadata(sbx, envd, tmp):
         return (await s.files.get_info(path)).metadata
 
     assert run_async(envd, overwrite) is None
+
+
+def test_list_depth_is_depth_first(sbx, envd, tmp):
+    for d in ["subdir1/subdir1_1", "subdir1/subdir1_2", "subdir2/subdir2_1", "subdir2/subdir2_2"]:
+        sbx.files.make_dir(f"{tmp}/{d}")
+    sbx.files.write(f"{tmp}/file1.txt", "x")
+    want = [
+        "file1.txt",
+        "subdir1",
+        "subdir1/subdir1_1",
+        "subdir1/subdir1_2",
+        "subdir2",
+        "subdir2/subdir2_1",
+        "subdir2/subdir2_2",
+    ]
+    for depth in [2, 3]:
+        got = [e.path for e in sbx.files.list(tmp, depth=depth)]
+        assert got == [f"{tmp}/{w}" for w in want]
+    got = run_async(envd, lambda s: s.files.list(tmp, depth=2))
+    assert [e.path for e in got] == [f"{tmp}/{w}" for w in want]
