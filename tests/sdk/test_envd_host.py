@@ -530,3 +530,97 @@ def test_list_depth_is_depth_first(sbx, envd, tmp):
         assert got == [f"{tmp}/{w}" for w in want]
     got = run_async(envd, lambda s: s.files.list(tmp, depth=2))
     assert [e.path for e in got] == [f"{tmp}/{w}" for w in want]
+
+
+def poll_events(handle, want: int, settle: float = 0.3, timeout: float = 10):
+    """Polls a sync watcher until `want` events came and no more arrive for `settle` s."""
+    events = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = handle.get_new_events()
+        events += new
+        if len(events) >= want and not new:
+            time.sleep(settle)
+            more = handle.get_new_events()
+            if not more:
+                break
+            events += more
+        time.sleep(0.05)
+    return [(e.name, e.type) for e in events]
+
+
+def dedup(events):
+    """Folds repeated identical events: inotify merges them only while they are unread."""
+    out = []
+    for e in events:
+        if not out or out[-1] != e:
+            out.append(e)
+    return out
+
+
+T = FilesystemEventType
+
+
+def test_watch_events_match_e2b(sbx, tmp):
+    """The event sequences E2B's envd (fsnotify) reports, from its SDK's watch tests."""
+    sbx.files.make_dir(f"{tmp}/nested")
+    handle = sbx.files.watch_dir(tmp, recursive=True)
+    # A new file written: created, chowned to the user, written.
+    sbx.files.write(f"{tmp}/f.txt", "content")
+    assert poll_events(handle, 3) == [("f.txt", T.CREATE), ("f.txt", T.CHMOD), ("f.txt", T.WRITE)]
+    sbx.files.write(f"{tmp}/nested/g.txt", "content")
+    assert poll_events(handle, 3) == [
+        ("nested/g.txt", T.CREATE),
+        ("nested/g.txt", T.CHMOD),
+        ("nested/g.txt", T.WRITE),
+    ]
+    # An existing file overwritten: chowned, truncated, written.
+    sbx.files.write(f"{tmp}/f.txt", "more content")
+    assert dedup(poll_events(handle, 2)) == [("f.txt", T.CHMOD), ("f.txt", T.WRITE)]
+    sbx.commands.run(f"chmod 600 {tmp}/f.txt")
+    assert poll_events(handle, 1) == [("f.txt", T.CHMOD)]
+    sbx.files.rename(f"{tmp}/f.txt", f"{tmp}/h.txt")
+    assert poll_events(handle, 2) == [("f.txt", T.RENAME), ("h.txt", T.CREATE)]
+    sbx.files.remove(f"{tmp}/h.txt")
+    assert poll_events(handle, 1) == [("h.txt", T.REMOVE)]
+    # A directory tree made at once: every level is reported, as fsnotify's recursive watch does.
+    # What mkdir makes before the new directory is watched is reported from a walk of it, what
+    # it makes after from the watch, and what falls in between by both (so by fsnotify too).
+    sbx.commands.run(f"mkdir -p {tmp}/a/b/c")
+    events = poll_events(handle, 3)
+    assert list(dict.fromkeys(events)) == [("a", T.CREATE), ("a/b", T.CREATE), ("a/b/c", T.CREATE)]
+    sbx.files.write(f"{tmp}/a/b/c/d.txt", "deep")
+    assert poll_events(handle, 3) == [
+        ("a/b/c/d.txt", T.CREATE),
+        ("a/b/c/d.txt", T.CHMOD),
+        ("a/b/c/d.txt", T.WRITE),
+    ]
+    # A directory moved within the tree: what it holds is reported as created, and later
+    # events inside it carry its new name.
+    sbx.files.rename(f"{tmp}/nested", f"{tmp}/moved")
+    assert poll_events(handle, 3) == [
+        ("nested", T.RENAME),
+        ("moved", T.CREATE),
+        ("moved/g.txt", T.CREATE),
+    ]
+    sbx.files.write(f"{tmp}/moved/g.txt", "again")
+    assert dedup(poll_events(handle, 2)) == [("moved/g.txt", T.CHMOD), ("moved/g.txt", T.WRITE)]
+    sbx.files.remove(f"{tmp}/moved")
+    assert poll_events(handle, 2) == [("moved/g.txt", T.REMOVE), ("moved", T.REMOVE)]
+    handle.stop()
+
+
+def test_async_watch_events_match_e2b(envd, tmp):
+    async def main(sbx):
+        events = []
+        handle = await sbx.files.watch_dir(tmp, on_event=lambda e: events.append((e.name, e.type)))
+        await sbx.files.write(f"{tmp}/a.txt", "x")
+        for _ in range(100):
+            if len(events) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        await handle.stop()
+        return events
+
+    assert run_async(envd, main) == [("a.txt", T.CREATE), ("a.txt", T.CHMOD), ("a.txt", T.WRITE)]

@@ -338,6 +338,16 @@ fn write_info(path: &Path, metadata: &[(String, String)]) -> WriteInfo {
     }
 }
 
+/// Gives `path` to the uploading user. The write runs with the user's identity, so a file
+/// another user owns (which the user may still write) cannot be taken over and keeps its
+/// owner; upstream, running as root, would take it.
+fn chown_to(path: &Path, (uid, gid): (u32, u32)) -> io::Result<()> {
+    match std::os::unix::fs::chown(path, Some(uid), Some(gid)) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
+        other => other,
+    }
+}
+
 /// Makes the file's metadata exactly `metadata`: as upstream, an overwrite drops what an
 /// earlier upload stored instead of merging into it.
 fn replace_metadata(path: &Path, metadata: &[(String, String)]) -> io::Result<()> {
@@ -368,21 +378,34 @@ async fn write_file<R: AsyncRead + Unpin>(
     let id = FsIdentity::of(user, &envd.accounts);
     let p: PathBuf = path.to_owned();
     let meta = metadata.to_vec();
+    let owner = (user.uid, user.gid);
     let file = fsops::as_user(id, move || {
         if let Some(parent) = p.parent() {
             fsops::create_dirs(parent)?;
         }
-        if p.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::IsADirectory,
-                "path is a directory",
-            ));
+        let existed = match std::fs::metadata(&p) {
+            Ok(m) if m.is_dir() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::IsADirectory,
+                    "path is a directory",
+                ));
+            }
+            Ok(_) => true,
+            Err(_) => false,
+        };
+        // Upstream chowns an existing file before truncating it and a new one after
+        // creating it; watchers see the same CHMOD event at the same place in the sequence.
+        if existed {
+            chown_to(&p, owner)?;
         }
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(&p)?;
+        if !existed {
+            chown_to(&p, owner)?;
+        }
         replace_metadata(&p, &meta)?;
         Ok(file)
     })
