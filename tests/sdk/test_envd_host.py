@@ -624,3 +624,21 @@ def test_async_watch_events_match_e2b(envd, tmp):
         return events
 
     assert run_async(envd, main) == [("a.txt", T.CREATE), ("a.txt", T.CHMOD), ("a.txt", T.WRITE)]
+
+
+def test_run_deadline_raises_timeout_not_exit(sbx, envd):
+    """The deadline error must reach the client before the killed process's end event."""
+    # Not as root: killing root's login shell during its profile's `pyenv rehash` (on CI
+    # machines) leaves a lock behind that stalls every later login shell for a minute.
+    user = "user" if IS_ROOT else None
+    with pytest.raises(TimeoutException):
+        sbx.commands.run("sleep 30", timeout=1, user=user)
+
+    async def many(s):
+        async def one():
+            with pytest.raises(TimeoutException):
+                await s.commands.run("sleep 30", timeout=1, user=user)
+
+        await asyncio.gather(*(one() for _ in range(8)))
+
+    run_async(envd, many)
