@@ -642,3 +642,53 @@ def test_run_deadline_raises_timeout_not_exit(sbx, envd):
         await asyncio.gather(*(one() for _ in range(8)))
 
     run_async(envd, many)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="switching users needs root")
+def test_write_creates_missing_parents_owned_by_user(sbx, envd):
+    """E2B creates missing parents for the user even where the user could not create them."""
+    top = f"/firkin-{secrets.token_hex(4)}"
+    try:
+        info = sbx.files.write(f"{top}/sub/f.txt", "x", user="user")
+        assert info.path == f"{top}/sub/f.txt"
+        for p in [top, f"{top}/sub", f"{top}/sub/f.txt"]:
+            assert sbx.files.get_info(p).owner == "user"
+        infos = sbx.files.write_files(
+            [{"path": f"{top}/multi/f{i}.txt", "data": str(i)} for i in range(50)], user="user"
+        )
+        assert len(infos) == 50
+        assert sbx.files.read(f"{top}/multi/f49.txt") == "49"
+
+        async def write(s):
+            await s.files.write(f"{top}/async/f.txt", "y", user="user")
+            return (await s.files.get_info(f"{top}/async")).owner
+
+        assert run_async(envd, write) == "user"
+    finally:
+        subprocess.run(["rm", "-rf", top], check=True)
+    # Where the user cannot even reach the parent, the write still fails, and creates nothing.
+    with pytest.raises(SandboxException):
+        sbx.files.write("/root/firkin-denied-dir/f.txt", "no", user="user")
+    assert not os.path.exists("/root/firkin-denied-dir")
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="switching users needs root")
+def test_failed_upload_answers_with_the_error(sbx, envd):
+    """An error on the first part must reach the client, not a reset while it still sends."""
+    files = [{"path": f"/root/firkin-denied-{i}.txt", "data": b"x" * 65536} for i in range(50)]
+    for _ in range(10):
+        with pytest.raises(SandboxException) as e:
+            sbx.files.write_files(files, user="user")
+        assert "denied" in str(e.value).lower()
+        with pytest.raises(SandboxException) as e:
+            sbx.files.write(files[0]["path"], files[0]["data"], user="user")
+        assert "denied" in str(e.value).lower()
+
+    async def write(s):
+        for _ in range(10):
+            with pytest.raises(SandboxException) as e:
+                await s.files.write_files(files, user="user")
+            assert "denied" in str(e.value).lower()
+
+    run_async(envd, write)
+    assert not os.path.exists("/root/firkin-denied-0.txt")
