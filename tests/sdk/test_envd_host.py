@@ -33,6 +33,7 @@ from e2b import (
     NotFoundException,
     Sandbox,
     SandboxException,
+    TimeoutException,
 )
 from e2b.sandbox.commands.command_handle import PtySize
 
@@ -467,3 +468,227 @@ def test_signed_urls(sbx, tmp):
     # A read signature does not authorize a write.
     r = httpx.post(url, files={"file": ("x", b"x")})
     assert r.status_code == 401
+
+
+# ---------------------------------------------------------------- parity with E2B's envd (issue 18)
+
+
+def run_async(envd, fn):
+    """Runs `fn(async_sandbox)` to completion and returns its result."""
+
+    async def main():
+        return await fn(envd.sandbox(cls=AsyncSandbox))
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "path",
+    # procfs reports size 0 and sysfs 4096, whatever the content is.
+    ["/proc/sys/kernel/random/boot_id", "/sys/devices/system/cpu/online"],
+)
+def test_read_pseudo_files_returns_their_content(sbx, envd, path):
+    want = Path(path).read_text()
+    assert want
+    assert sbx.files.read(path) == want
+    assert run_async(envd, lambda s: s.files.read(path)) == want
+
+
+def test_overwrite_replaces_metadata(sbx, envd, tmp):
+    path = f"{tmp}/meta.txt"
+    sbx.files.write(path, "first", metadata={"author": "mish"})
+    info = sbx.files.write(path, "second")
+    assert info.metadata is None
+    assert sbx.files.get_info(path).metadata is None
+    # New metadata replaces the old set, it is not merged into it.
+    sbx.files.write(path, "third", metadata={"a": "1"})
+    sbx.files.write(path, "fourth", metadata={"b": "2"}, use_octet_stream=True)
+    assert sbx.files.get_info(path).metadata == {"b": "2"}
+
+    async def overwrite(s):
+        await s.files.write(path, "fifth")
+        return (await s.files.get_info(path)).metadata
+
+    assert run_async(envd, overwrite) is None
+
+
+def test_list_depth_is_depth_first(sbx, envd, tmp):
+    for d in ["subdir1/subdir1_1", "subdir1/subdir1_2", "subdir2/subdir2_1", "subdir2/subdir2_2"]:
+        sbx.files.make_dir(f"{tmp}/{d}")
+    sbx.files.write(f"{tmp}/file1.txt", "x")
+    want = [
+        "file1.txt",
+        "subdir1",
+        "subdir1/subdir1_1",
+        "subdir1/subdir1_2",
+        "subdir2",
+        "subdir2/subdir2_1",
+        "subdir2/subdir2_2",
+    ]
+    for depth in [2, 3]:
+        got = [e.path for e in sbx.files.list(tmp, depth=depth)]
+        assert got == [f"{tmp}/{w}" for w in want]
+    got = run_async(envd, lambda s: s.files.list(tmp, depth=2))
+    assert [e.path for e in got] == [f"{tmp}/{w}" for w in want]
+
+
+def poll_events(handle, want: int, settle: float = 0.3, timeout: float = 10):
+    """Polls a sync watcher until `want` events came and no more arrive for `settle` s."""
+    events = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = handle.get_new_events()
+        events += new
+        if len(events) >= want and not new:
+            time.sleep(settle)
+            more = handle.get_new_events()
+            if not more:
+                break
+            events += more
+        time.sleep(0.05)
+    return [(e.name, e.type) for e in events]
+
+
+def dedup(events):
+    """Folds repeated identical events: inotify merges them only while they are unread."""
+    out = []
+    for e in events:
+        if not out or out[-1] != e:
+            out.append(e)
+    return out
+
+
+T = FilesystemEventType
+
+
+def test_watch_events_match_e2b(sbx, tmp):
+    """The event sequences E2B's envd (fsnotify) reports, from its SDK's watch tests."""
+    sbx.files.make_dir(f"{tmp}/nested")
+    handle = sbx.files.watch_dir(tmp, recursive=True)
+    # A new file written: created, chowned to the user, written.
+    sbx.files.write(f"{tmp}/f.txt", "content")
+    assert poll_events(handle, 3) == [("f.txt", T.CREATE), ("f.txt", T.CHMOD), ("f.txt", T.WRITE)]
+    sbx.files.write(f"{tmp}/nested/g.txt", "content")
+    assert poll_events(handle, 3) == [
+        ("nested/g.txt", T.CREATE),
+        ("nested/g.txt", T.CHMOD),
+        ("nested/g.txt", T.WRITE),
+    ]
+    # An existing file overwritten: chowned, truncated, written.
+    sbx.files.write(f"{tmp}/f.txt", "more content")
+    assert dedup(poll_events(handle, 2)) == [("f.txt", T.CHMOD), ("f.txt", T.WRITE)]
+    sbx.commands.run(f"chmod 600 {tmp}/f.txt")
+    assert poll_events(handle, 1) == [("f.txt", T.CHMOD)]
+    sbx.files.rename(f"{tmp}/f.txt", f"{tmp}/h.txt")
+    assert poll_events(handle, 2) == [("f.txt", T.RENAME), ("h.txt", T.CREATE)]
+    sbx.files.remove(f"{tmp}/h.txt")
+    assert poll_events(handle, 1) == [("h.txt", T.REMOVE)]
+    # A directory tree made at once: every level is reported, as fsnotify's recursive watch does.
+    # What mkdir makes before the new directory is watched is reported from a walk of it, what
+    # it makes after from the watch, and what falls in between by both (so by fsnotify too).
+    sbx.commands.run(f"mkdir -p {tmp}/a/b/c")
+    events = poll_events(handle, 3)
+    assert list(dict.fromkeys(events)) == [("a", T.CREATE), ("a/b", T.CREATE), ("a/b/c", T.CREATE)]
+    sbx.files.write(f"{tmp}/a/b/c/d.txt", "deep")
+    assert poll_events(handle, 3) == [
+        ("a/b/c/d.txt", T.CREATE),
+        ("a/b/c/d.txt", T.CHMOD),
+        ("a/b/c/d.txt", T.WRITE),
+    ]
+    # A directory moved within the tree: what it holds is reported as created, and later
+    # events inside it carry its new name.
+    sbx.files.rename(f"{tmp}/nested", f"{tmp}/moved")
+    assert poll_events(handle, 3) == [
+        ("nested", T.RENAME),
+        ("moved", T.CREATE),
+        ("moved/g.txt", T.CREATE),
+    ]
+    sbx.files.write(f"{tmp}/moved/g.txt", "again")
+    assert dedup(poll_events(handle, 2)) == [("moved/g.txt", T.CHMOD), ("moved/g.txt", T.WRITE)]
+    sbx.files.remove(f"{tmp}/moved")
+    assert poll_events(handle, 2) == [("moved/g.txt", T.REMOVE), ("moved", T.REMOVE)]
+    handle.stop()
+
+
+def test_async_watch_events_match_e2b(envd, tmp):
+    async def main(sbx):
+        events = []
+        handle = await sbx.files.watch_dir(tmp, on_event=lambda e: events.append((e.name, e.type)))
+        await sbx.files.write(f"{tmp}/a.txt", "x")
+        for _ in range(100):
+            if len(events) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        await handle.stop()
+        return events
+
+    assert run_async(envd, main) == [("a.txt", T.CREATE), ("a.txt", T.CHMOD), ("a.txt", T.WRITE)]
+
+
+def test_run_deadline_raises_timeout_not_exit(sbx, envd):
+    """The deadline error must reach the client before the killed process's end event."""
+    # Not as root: killing root's login shell during its profile's `pyenv rehash` (on CI
+    # machines) leaves a lock behind that stalls every later login shell for a minute.
+    user = "user" if IS_ROOT else None
+    with pytest.raises(TimeoutException):
+        sbx.commands.run("sleep 30", timeout=1, user=user)
+
+    async def many(s):
+        async def one():
+            with pytest.raises(TimeoutException):
+                await s.commands.run("sleep 30", timeout=1, user=user)
+
+        await asyncio.gather(*(one() for _ in range(8)))
+
+    run_async(envd, many)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="switching users needs root")
+def test_write_creates_missing_parents_owned_by_user(sbx, envd):
+    """E2B creates missing parents for the user even where the user could not create them."""
+    top = f"/firkin-{secrets.token_hex(4)}"
+    try:
+        info = sbx.files.write(f"{top}/sub/f.txt", "x", user="user")
+        assert info.path == f"{top}/sub/f.txt"
+        for p in [top, f"{top}/sub", f"{top}/sub/f.txt"]:
+            assert sbx.files.get_info(p).owner == "user"
+        infos = sbx.files.write_files(
+            [{"path": f"{top}/multi/f{i}.txt", "data": str(i)} for i in range(50)], user="user"
+        )
+        assert len(infos) == 50
+        assert sbx.files.read(f"{top}/multi/f49.txt") == "49"
+
+        async def write(s):
+            await s.files.write(f"{top}/async/f.txt", "y", user="user")
+            return (await s.files.get_info(f"{top}/async")).owner
+
+        assert run_async(envd, write) == "user"
+    finally:
+        subprocess.run(["rm", "-rf", top], check=True)
+    # Where the user cannot even reach the parent, the write still fails, and creates nothing.
+    with pytest.raises(SandboxException):
+        sbx.files.write("/root/firkin-denied-dir/f.txt", "no", user="user")
+    assert not os.path.exists("/root/firkin-denied-dir")
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="switching users needs root")
+def test_failed_upload_answers_with_the_error(sbx, envd):
+    """An error on the first part must reach the client, not a reset while it still sends."""
+    files = [{"path": f"/root/firkin-denied-{i}.txt", "data": b"x" * 65536} for i in range(50)]
+    for _ in range(10):
+        with pytest.raises(SandboxException) as e:
+            sbx.files.write_files(files, user="user")
+        assert "denied" in str(e.value).lower()
+        with pytest.raises(SandboxException) as e:
+            sbx.files.write(files[0]["path"], files[0]["data"], user="user")
+        assert "denied" in str(e.value).lower()
+
+    async def write(s):
+        for _ in range(10):
+            with pytest.raises(SandboxException) as e:
+                await s.files.write_files(files, user="user")
+            assert "denied" in str(e.value).lower()
+
+    run_async(envd, write)
+    assert not os.path.exists("/root/firkin-denied-0.txt")

@@ -124,50 +124,62 @@ impl Watcher {
         }
     }
 
-    /// Adds watches for `dir` and, when recursive, every directory below it. Runs with the
-    /// user's identity, so the kernel checks that the user may read what it watches.
-    async fn add_tree(self: &Arc<Self>, dir: PathBuf) -> io::Result<()> {
+    /// Adds watches for `dir` and, when recursive, every directory below it. With `report`,
+    /// returns what it found below `dir`, in the order Go's `filepath.WalkDir` visits it
+    /// (depth-first, sorted by name). Runs with the user's identity, so the kernel checks that
+    /// the user may read what it watches.
+    async fn add_tree(self: &Arc<Self>, dir: PathBuf, report: bool) -> io::Result<Vec<PathBuf>> {
         let me = self.clone();
-        let added = fsops::as_user(self.id.clone(), move || {
-            let mut added = Vec::new();
-            let mut todo = vec![dir];
-            let mut first = true;
-            while let Some(d) = todo.pop() {
-                match me.inotify.get_ref().0.add_watch(&d, MASK) {
-                    Ok(wd) => added.push((wd, d.clone())),
-                    // Subdirectories can vanish or be unreadable; only the root must work.
-                    Err(e) if !first => {
-                        tracing::debug!(dir = %d.display(), error = %e, "skipping subdirectory");
+        let (added, found) = fsops::as_user(self.id.clone(), move || {
+            let inotify = &me.inotify.get_ref().0;
+            // Only the top directory must be watchable.
+            let wd = inotify.add_watch(&dir, MASK).map_err(io::Error::from)?;
+            let mut added = vec![(wd, dir.clone())];
+            let mut found = Vec::new();
+            if !me.recursive {
+                return Ok((added, found));
+            }
+            let mut stack = vec![sorted_children(&dir)];
+            while let Some(level) = stack.last_mut() {
+                let Some((path, is_dir)) = level.pop() else {
+                    stack.pop();
+                    continue;
+                };
+                if report {
+                    found.push(path.clone());
+                }
+                if !is_dir {
+                    continue;
+                }
+                match inotify.add_watch(&path, MASK) {
+                    Ok(wd) => added.push((wd, path.clone())),
+                    // Subdirectories can vanish or be unreadable.
+                    Err(e) => {
+                        tracing::debug!(dir = %path.display(), error = %e, "skipping subdirectory");
                         continue;
                     }
-                    Err(e) => return Err(io::Error::from(e)),
                 }
-                first = false;
-                if me.recursive
-                    && let Ok(rd) = std::fs::read_dir(&d)
-                {
-                    for e in rd.flatten() {
-                        if e.file_type().is_ok_and(|t| t.is_dir()) {
-                            todo.push(e.path());
-                        }
-                    }
-                }
+                stack.push(sorted_children(&path));
             }
-            Ok(added)
+            Ok((added, found))
         })
         .await?;
         let mut w = self.lock();
+        // A directory moved within the tree keeps its watch descriptors: this updates their paths.
         for (wd, path) in added {
             w.by_wd.insert(wd, path);
         }
-        Ok(())
+        Ok(found)
     }
 
+    /// The event name: the path relative to the root, `.` for the root itself (as Go's
+    /// `filepath.Rel`).
     fn relative(&self, path: &Path) -> String {
-        path.strip_prefix(&self.root)
-            .unwrap_or(path)
-            .to_string_lossy()
-            .into_owned()
+        match path.strip_prefix(&self.root) {
+            Ok(rel) if rel.as_os_str().is_empty() => ".".to_owned(),
+            Ok(rel) => rel.to_string_lossy().into_owned(),
+            Err(_) => path.to_string_lossy().into_owned(),
+        }
     }
 
     /// Reads events until the watch dies, sending them to `tx`.
@@ -203,9 +215,13 @@ impl Watcher {
                     }
                     continue;
                 }
-                // A watched subdirectory reports its own deletion as IN_DELETE from its
-                // parent too; skip the duplicate *_SELF events except for the root.
-                if ev.name.is_none() && dir != self.root {
+                // The parent's watch reports a watched subdirectory's deletion or move too;
+                // skip the duplicates except for the root. Like fsnotify, a subdirectory's
+                // own IN_ATTRIB is reported, alongside the parent's.
+                if ev.name.is_none()
+                    && dir != self.root
+                    && m.intersects(AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF)
+                {
                     continue;
                 }
                 let kind = if m.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO) {
@@ -221,20 +237,31 @@ impl Watcher {
                 } else {
                     continue;
                 };
+                // A new directory in a recursive watch is watched at once, and what it already
+                // holds is reported as created (`mkdir -p`, a tree moved in), as fsnotify does.
+                let mut found = Vec::new();
                 if self.recursive
                     && kind == EventKind::Create
                     && m.contains(AddWatchFlags::IN_ISDIR)
-                    && let Err(e) = self.add_tree(path.clone()).await
                 {
-                    tracing::debug!(dir = %path.display(), error = %e, "cannot watch new directory");
+                    match self.add_tree(path.clone(), true).await {
+                        Ok(f) => found = f,
+                        Err(e) => {
+                            tracing::debug!(dir = %path.display(), error = %e, "cannot watch new directory");
+                        }
+                    }
                 }
-                let event = FsEvent {
-                    name: self.relative(&path),
-                    kind,
-                    path,
-                };
-                if tx.send(event).await.is_err() {
-                    return;
+                let events = std::iter::once((path, kind))
+                    .chain(found.into_iter().map(|p| (p, EventKind::Create)));
+                for (path, kind) in events {
+                    let event = FsEvent {
+                        name: self.relative(&path),
+                        kind,
+                        path,
+                    };
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
                 }
             }
         }
@@ -272,12 +299,26 @@ pub async fn watch(
         id,
     });
     watcher
-        .add_tree(path.clone())
+        .add_tree(path.clone(), false)
         .await
         .map_err(|e| classify(&path, e))?;
     let (tx, rx) = mpsc::channel(256);
     let task = tokio::spawn(watcher.run(tx));
     Ok((rx, AbortOnDrop(task)))
+}
+
+/// The entries of `dir` with whether each is a directory (not following symlinks), sorted
+/// by name in reverse, so popping visits them in order. Unreadable means empty.
+fn sorted_children(dir: &Path) -> Vec<(PathBuf, bool)> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<_> = rd
+        .flatten()
+        .map(|e| (e.path(), e.file_type().is_ok_and(|t| t.is_dir())))
+        .collect();
+    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out
 }
 
 /// Stops the watch (and closes its inotify instance) when the consumer goes away, instead of
@@ -421,6 +462,33 @@ mod tests {
         std::fs::write(dir.path().join("sub/f"), b"x").unwrap();
         let ev = rx.recv().await.unwrap();
         assert_eq!((ev.name.as_str(), ev.kind), ("sub/f", EventKind::Create));
+    }
+
+    #[tokio::test]
+    async fn reports_what_a_directory_moved_in_holds() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(outside.path().join("t/b")).unwrap();
+        std::fs::write(outside.path().join("t/a"), b"").unwrap();
+        std::fs::write(outside.path().join("t/b/c"), b"").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut rx, _task) = watch(dir.path().to_owned(), true, false, me())
+            .await
+            .unwrap();
+        std::fs::rename(outside.path().join("t"), dir.path().join("t")).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let ev = rx.recv().await.unwrap();
+            got.push((ev.name, ev.kind));
+        }
+        let want: Vec<_> = ["t", "t/a", "t/b", "t/b/c"]
+            .into_iter()
+            .map(|n| (n.to_owned(), EventKind::Create))
+            .collect();
+        assert_eq!(got, want);
+        // The tree is watched: a change inside it is reported under its new name.
+        std::fs::write(dir.path().join("t/b/d"), b"").unwrap();
+        let ev = rx.recv().await.unwrap();
+        assert_eq!((ev.name.as_str(), ev.kind), ("t/b/d", EventKind::Create));
     }
 
     #[tokio::test]

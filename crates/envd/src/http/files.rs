@@ -8,11 +8,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::body::BodyDataStream;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Uid};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -130,7 +135,8 @@ pub async fn download(
                 "path is a directory",
             ));
         }
-        Ok((file, meta.len()))
+        let len = trusted_len(&file, &meta);
+        Ok((file, len))
     })
     .await
     .map_err(|e| ApiError::from_io(&e, &path.display().to_string()))?;
@@ -146,11 +152,37 @@ pub async fn download(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/octet-stream"),
     );
-    headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+    // Without a length hyper sends the body chunked, until the file ends.
+    if let Some(len) = len {
+        headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+    }
     if let Ok(v) = header::HeaderValue::from_str(&format!("inline; filename=\"{name}\"")) {
         headers.insert(header::CONTENT_DISPOSITION, v);
     }
     Ok((StatusCode::OK, headers, Body::from_stream(stream)).into_response())
+}
+
+/// The size a download can announce, or `None` when the file's real length is only known
+/// by reading it: procfs says 0 and sysfs 4096 whatever the content, and neither is a regular
+/// file anyone writes. A wrong `Content-Length` truncates the body or breaks the connection.
+fn trusted_len(file: &std::fs::File, meta: &std::fs::Metadata) -> Option<u64> {
+    const PSEUDO: [i64; 8] = [
+        0x9fa0,      // proc
+        0x6265_6572, // sysfs
+        0x6462_6720, // debugfs
+        0x7472_6163, // tracefs
+        0x7363_6673, // securityfs
+        0x6367_7270, // cgroup2
+        0x0027_e0eb, // cgroup
+        0x6266_7573, // bpf
+    ];
+    if !meta.is_file() || meta.len() == 0 {
+        return None;
+    }
+    match nix::sys::statfs::fstatfs(file) {
+        Ok(fs) if PSEUDO.contains(&fs.filesystem_type().0) => None,
+        _ => Some(meta.len()),
+    }
 }
 
 /// One entry of the upload answer.
@@ -212,8 +244,29 @@ pub async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let user = resolve_user(&envd, params.username.as_deref())?;
-    let metadata = upload_metadata(&headers)?;
+    let mut stream = body.into_data_stream();
+    let written = write_upload(&envd, &params, &headers, &mut stream).await;
+    if written.is_err() {
+        // An answer sent while the client is still sending makes it see a broken pipe (with
+        // many files, usually) instead of the error: read the rest first, as upstream does.
+        discard(&mut stream).await;
+    }
+    Ok(axum::Json(written?).into_response())
+}
+
+/// Reads and drops what is left of a request body, until it ends or stalls.
+async fn discard(stream: &mut BodyDataStream) {
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {}
+}
+
+async fn write_upload(
+    envd: &Envd,
+    params: &FileParams,
+    headers: &HeaderMap,
+    stream: &mut BodyDataStream,
+) -> Result<Vec<WriteInfo>, ApiError> {
+    let user = resolve_user(envd, params.username.as_deref())?;
+    let metadata = upload_metadata(headers)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -225,7 +278,6 @@ pub async fn upload(
         .trim()
         .to_ascii_lowercase();
     let query_path = params.path.as_deref().filter(|p| !p.is_empty());
-    let stream = body.into_data_stream();
 
     let written = if mime == "application/octet-stream" {
         let raw = query_path
@@ -240,10 +292,10 @@ pub async fn upload(
         let reader =
             tokio_util::io::StreamReader::new(stream.map_err(|e| io::Error::other(e.to_string())));
         match encoding.as_str() {
-            "" | "identity" => write_file(&envd, &user, &path, reader, &metadata).await?,
+            "" | "identity" => write_file(envd, &user, &path, reader, &metadata).await?,
             "gzip" | "x-gzip" => {
                 let decoder = async_compression::tokio::bufread::GzipDecoder::new(reader);
-                write_file(&envd, &user, &path, decoder, &metadata).await?
+                write_file(envd, &user, &path, decoder, &metadata).await?
             }
             other => {
                 return Err(ApiError::bad_request(format!(
@@ -284,7 +336,7 @@ pub async fn upload(
             let reader = tokio_util::io::StreamReader::new(
                 field.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
             );
-            write_file(&envd, &user, &path, reader, &metadata).await?;
+            write_file(envd, &user, &path, reader, &metadata).await?;
             out.push(write_info(&path, &metadata));
         }
         if out.is_empty() {
@@ -296,7 +348,7 @@ pub async fn upload(
             "unsupported content type '{content_type}', expected multipart/form-data or application/octet-stream"
         )));
     };
-    Ok(axum::Json(written).into_response())
+    Ok(written)
 }
 
 fn write_info(path: &Path, metadata: &[(String, String)]) -> WriteInfo {
@@ -311,6 +363,109 @@ fn write_info(path: &Path, metadata: &[(String, String)]) -> WriteInfo {
     }
 }
 
+/// Creates `dir` and its missing parents for an upload by `user`.
+///
+/// Upstream's envd runs as root: it creates them even where the user could not (`/0/f`
+/// written by `user`) and gives them to the user. Here the user creates them when it can;
+/// otherwise root creates them, owned by the user, below the nearest existing ancestor, but
+/// only if the user may reach into that ancestor. The ancestor is opened with the user's
+/// rights and root works relative to that descriptor, so a symlink swapped in meanwhile
+/// cannot send it elsewhere.
+async fn create_parents(envd: &Envd, user: &User, dir: &Path) -> io::Result<()> {
+    let id = FsIdentity::of(user, &envd.accounts);
+    let d = dir.to_owned();
+    let denied = match fsops::as_user(id.clone(), move || fsops::create_dirs(&d)).await {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => e,
+        other => return other,
+    };
+    if !nix::unistd::geteuid().is_root() || user.uid == 0 {
+        return Err(denied);
+    }
+    let d = dir.to_owned();
+    let (ancestor, missing) = fsops::as_user(id, move || {
+        let mut missing = Vec::new();
+        let mut at = d.as_path();
+        loop {
+            // `<dir>/.` is only reachable with search permission on the directory itself.
+            match nix::fcntl::open(
+                &at.join("."),
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => return Ok((fd, missing)),
+                Err(Errno::ENOENT) => match (at.file_name(), at.parent()) {
+                    (Some(name), Some(parent)) => {
+                        missing.push(name.to_owned());
+                        at = parent;
+                    }
+                    _ => return Err(io::Error::from(Errno::ENOENT)),
+                },
+                Err(e) => return Err(io::Error::from(e)),
+            }
+        }
+    })
+    .await?;
+    let (uid, gid) = (Uid::from_raw(user.uid), Gid::from_raw(user.gid));
+    tokio::task::spawn_blocking(move || -> io::Result<()> {
+        let mut parent = ancestor;
+        for name in missing.iter().rev() {
+            match nix::sys::stat::mkdirat(
+                &parent,
+                name.as_os_str(),
+                Mode::from_bits_truncate(0o755),
+            ) {
+                Ok(()) => nix::unistd::fchownat(
+                    &parent,
+                    name.as_os_str(),
+                    Some(uid),
+                    Some(gid),
+                    AtFlags::AT_SYMLINK_NOFOLLOW,
+                )?,
+                // Made meanwhile; opening it below still refuses a symlink.
+                Err(Errno::EEXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+            parent = nix::fcntl::openat(
+                &parent,
+                name.as_os_str(),
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| io::Error::other(format!("worker failed: {e}")))?
+}
+
+/// Gives `path` to the uploading user. The write runs with the user's identity, so a file
+/// another user owns (which the user may still write) cannot be taken over and keeps its
+/// owner; upstream, running as root, would take it.
+fn chown_to(path: &Path, (uid, gid): (u32, u32)) -> io::Result<()> {
+    match std::os::unix::fs::chown(path, Some(uid), Some(gid)) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
+        other => other,
+    }
+}
+
+/// Makes the file's metadata exactly `metadata`: as upstream, an overwrite drops what an
+/// earlier upload stored instead of merging into it.
+fn replace_metadata(path: &Path, metadata: &[(String, String)]) -> io::Result<()> {
+    for (key, _) in fsops::read_metadata(path) {
+        if metadata.iter().any(|(k, _)| *k == key) {
+            continue;
+        }
+        match xattr::remove(path, format!("{}{key}", fsops::METADATA_XATTR_PREFIX)) {
+            Err(e) if e.raw_os_error() != Some(libc::ENODATA) => return Err(e),
+            _ => {}
+        }
+    }
+    if metadata.is_empty() {
+        return Ok(());
+    }
+    fsops::write_metadata(path, metadata)
+}
+
 /// Creates (as `user`) the parent directories and the file, then copies `reader` into it.
 async fn write_file<R: AsyncRead + Unpin>(
     envd: &Envd,
@@ -323,24 +478,37 @@ async fn write_file<R: AsyncRead + Unpin>(
     let id = FsIdentity::of(user, &envd.accounts);
     let p: PathBuf = path.to_owned();
     let meta = metadata.to_vec();
+    let owner = (user.uid, user.gid);
+    if let Some(parent) = path.parent() {
+        create_parents(envd, user, parent)
+            .await
+            .map_err(|e| ApiError::from_io(&e, &what))?;
+    }
     let file = fsops::as_user(id, move || {
-        if let Some(parent) = p.parent() {
-            fsops::create_dirs(parent)?;
-        }
-        if p.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::IsADirectory,
-                "path is a directory",
-            ));
+        let existed = match std::fs::metadata(&p) {
+            Ok(m) if m.is_dir() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::IsADirectory,
+                    "path is a directory",
+                ));
+            }
+            Ok(_) => true,
+            Err(_) => false,
+        };
+        // Upstream chowns an existing file before truncating it and a new one after
+        // creating it; watchers see the same CHMOD event at the same place in the sequence.
+        if existed {
+            chown_to(&p, owner)?;
         }
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(&p)?;
-        if !meta.is_empty() {
-            fsops::write_metadata(&p, &meta)?;
+        if !existed {
+            chown_to(&p, owner)?;
         }
+        replace_metadata(&p, &meta)?;
         Ok(file)
     })
     .await
@@ -380,6 +548,22 @@ async fn write_file<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pseudo_files_announce_no_length() {
+        let len = |path: &str| {
+            let file = std::fs::File::open(path).unwrap();
+            trusted_len(&file, &file.metadata().unwrap())
+        };
+        assert_eq!(len("/proc/self/status"), None);
+        assert_eq!(len("/sys/devices/system/cpu/online"), None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"").unwrap();
+        assert_eq!(len(path.to_str().unwrap()), None);
+        std::fs::write(&path, b"12345").unwrap();
+        assert_eq!(len(path.to_str().unwrap()), Some(5));
+    }
 
     #[test]
     fn unescapes_httpx_filenames() {

@@ -32,7 +32,12 @@ pub fn router(envd: Arc<Envd>) -> Router {
             "/files",
             axum::routing::get(files::download).post(files::upload),
         )
-        .fallback_service(rpc.into_axum_service())
+        // Streams end with deadline_exceeded at the client's deadline, as upstream's do.
+        .fallback_service(
+            rpc.into_axum_service().with_deadline_policy(
+                connectrpc::DeadlinePolicy::new().with_enforce_on_streams(true),
+            ),
+        )
         .layer(middleware::from_fn_with_state(envd.clone(), require_token))
         .with_state(envd)
 }

@@ -36,6 +36,10 @@ const KEEP_FINISHED: Duration = Duration::from_secs(60);
 const DRAIN_IDLE: Duration = Duration::from_millis(100);
 /// And at most this long in total, in case the grandchild keeps talking.
 const DRAIN_MAX: Duration = Duration::from_secs(2);
+/// How long after its deadline a process is killed. The Start stream ends with
+/// `deadline_exceeded` at the deadline itself; killing later keeps the killed process's end
+/// event from reaching the client first (it would raise an exit error instead of a timeout).
+const KILL_AFTER_DEADLINE: Duration = Duration::from_millis(100);
 
 /// The PATH given to spawned processes; E2B images expect the usual Debian layout.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -407,7 +411,7 @@ impl ProcessTable {
         if let Some(timeout) = req.timeout {
             let p = proc.clone();
             tokio::spawn(async move {
-                tokio::time::sleep(timeout).await;
+                tokio::time::sleep(timeout + KILL_AFTER_DEADLINE).await;
                 if !p.finished() {
                     tracing::info!(pid = p.pid, ?timeout, "process timed out; killing it");
                     let _ = p.signal(Signal::SIGKILL);

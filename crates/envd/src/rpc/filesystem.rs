@@ -136,7 +136,9 @@ async fn fs_event(
     }
 }
 
-/// Depth-first listing below `dir` down to `depth` levels, not descending into symlinks.
+/// Listing below `dir` down to `depth` levels, not descending into symlinks. The order is
+/// upstream's (Go's `filepath.WalkDir`): depth-first, each directory's entries sorted by name,
+/// a directory's children right after it.
 fn list_tree(dir: &Path, depth: u32, accounts: &AccountDb) -> std::io::Result<Vec<Entry>> {
     let meta = std::fs::metadata(dir)?;
     if !meta.is_dir() {
@@ -146,27 +148,34 @@ fn list_tree(dir: &Path, depth: u32, accounts: &AccountDb) -> std::io::Result<Ve
         ));
     }
     let mut out = Vec::new();
-    let mut todo = vec![(dir.to_owned(), 1u32)];
-    while let Some((d, level)) = todo.pop() {
-        let rd = match std::fs::read_dir(&d) {
-            Ok(rd) => rd,
-            // The top level must be readable; deeper unreadable directories are skipped.
-            Err(e) if level == 1 => return Err(e),
-            Err(_) => continue,
+    // Each level's sorted names, reversed so the next one to visit is at the end.
+    let mut stack = vec![sorted_children(dir)?];
+    while let Some(level) = stack.last_mut() {
+        let Some(path) = level.pop() else {
+            stack.pop();
+            continue;
         };
-        let mut names: Vec<_> = rd.flatten().map(|e| e.path()).collect();
-        names.sort();
-        for path in names {
-            let Ok(entry) = fsops::entry(&path, accounts) else {
-                continue;
-            };
-            if level < depth && entry.kind == Kind::Directory && !entry.is_symlink {
-                todo.push((path, level + 1));
-            }
-            out.push(entry);
+        let Ok(entry) = fsops::entry(&path, accounts) else {
+            continue;
+        };
+        let descend = stack.len() < depth as usize && entry.kind == Kind::Directory;
+        let descend = descend && !entry.is_symlink;
+        out.push(entry);
+        // The top level must be readable; deeper unreadable directories are skipped.
+        if descend && let Ok(children) = sorted_children(&path) {
+            stack.push(children);
         }
     }
     Ok(out)
+}
+
+fn sorted_children(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    names.sort_by(|a, b| b.cmp(a));
+    Ok(names)
 }
 
 impl Filesystem for FilesystemService {
@@ -390,5 +399,36 @@ impl Filesystem for FilesystemService {
             )));
         }
         Response::ok(RemoveWatcherResponse::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_depth_first_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["b/b2", "b/b1", "a/a1/deep", "c"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        std::fs::write(dir.path().join("a/f"), b"").unwrap();
+        let names = |depth| {
+            list_tree(dir.path(), depth, &AccountDb::default())
+                .unwrap()
+                .into_iter()
+                .map(|e| {
+                    e.path
+                        .strip_prefix(dir.path())
+                        .unwrap()
+                        .display()
+                        .to_string()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(1), ["a", "b", "c"]);
+        assert_eq!(names(2), ["a", "a/a1", "a/f", "b", "b/b1", "b/b2", "c"]);
+        assert_eq!(names(3).len(), 8);
+        assert_eq!(names(3)[2], "a/a1/deep");
     }
 }
