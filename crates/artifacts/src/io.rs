@@ -73,12 +73,19 @@ pub enum AtomicWriteError<E> {
     Io(#[source] std::io::Error),
 }
 
+impl AtomicWriteError<std::io::Error> {
+    /// One I/O error, for callers whose fill step fails with I/O errors too.
+    pub fn into_io(self) -> std::io::Error {
+        match self {
+            AtomicWriteError::Fill(e) | AtomicWriteError::Io(e) => e,
+        }
+    }
+}
+
 /// Replaces `path` with `bytes` so that a reader sees the old file or the new one, never a
 /// half-written one, even across a crash (see [`write_atomic_with`]).
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_atomic_with(path, |file, _| file.write_all(bytes)).map_err(|e| match e {
-        AtomicWriteError::Fill(e) | AtomicWriteError::Io(e) => e,
-    })
+    write_atomic_with(path, |file, _| file.write_all(bytes)).map_err(AtomicWriteError::into_io)
 }
 
 /// Replaces `path` with what `fill` writes into a temporary sibling, given open and by name

@@ -73,9 +73,7 @@ impl PersistedContainerSnapshotState {
         };
         let json =
             serde_json::to_vec_pretty(self).map_err(|e| write_err(std::io::Error::other(e)))?;
-        let tmp = path.with_extension("state.json.tmp");
-        std::fs::write(&tmp, json).map_err(write_err)?;
-        std::fs::rename(&tmp, path).map_err(write_err)
+        firkin_artifacts::write_bytes_atomic(path, &json).map_err(write_err)
     }
 }
 

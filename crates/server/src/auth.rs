@@ -118,19 +118,16 @@ pub fn key_file(state_dir: &Path) -> std::path::PathBuf {
 /// Writes the key file readable by the owner only.
 pub fn write_key_file(state_dir: &Path, key: &str) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::PermissionsExt;
     let path = key_file(state_dir);
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(key.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)
+    firkin_artifacts::write_atomic_with(&path, |file, _| {
+        // Private before the key is in it: the temporary starts out world-readable (0o666 less
+        // the umask).
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(key.as_bytes())?;
+        file.write_all(b"\n")
+    })
+    .map_err(firkin_artifacts::AtomicWriteError::into_io)
 }
 
 /// Reads the key file, if there is one.
@@ -154,5 +151,18 @@ mod tests {
         assert!(firkin_types::SandboxId::new(&id).is_ok());
         assert_eq!(hash_key("abc").len(), 64);
         assert_eq!(key_hint("e2b_0123456789"), "e2b_0123…");
+    }
+
+    #[test]
+    fn the_key_file_is_the_owners_alone_and_replaced_whole() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        write_key_file(dir.path(), "e2b_first").unwrap();
+        write_key_file(dir.path(), "e2b_second").unwrap();
+        let meta = std::fs::metadata(key_file(dir.path())).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(read_key_file(dir.path()).as_deref(), Some("e2b_second"));
+        // Nothing left behind but the key.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -275,15 +275,13 @@ pub fn write_template_manifest(
         fingerprint,
     };
     let path = dir.join(TEMPLATE_MANIFEST);
-    let tmp = dir.join(format!("{TEMPLATE_MANIFEST}.tmp"));
     let write_err = |source| ManifestError::Write {
         path: path.clone(),
         source,
     };
     let json =
         serde_json::to_vec_pretty(&manifest).map_err(|e| write_err(std::io::Error::other(e)))?;
-    std::fs::write(&tmp, json).map_err(write_err)?;
-    std::fs::rename(&tmp, &path).map_err(write_err)?;
+    firkin_artifacts::write_bytes_atomic(&path, &json).map_err(write_err)?;
     Ok(manifest)
 }
 

@@ -120,12 +120,7 @@ impl Snapshot {
 }
 
 fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(VmmError::io("creating", &tmp))?;
-    f.write_all(bytes).map_err(VmmError::io("writing", &tmp))?;
-    f.sync_all().map_err(VmmError::io("syncing", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(VmmError::io("renaming", &tmp))
+    firkin_artifacts::write_bytes_atomic(path, bytes).map_err(VmmError::io("writing", path))
 }
 
 impl Vm {
