@@ -6,6 +6,7 @@ VMs, the default) or `process` (host processes, for developing firkin without VM
 tests/sdk/run-serve.sh builds everything and runs this file.
 """
 
+import asyncio
 import concurrent.futures
 import os
 import secrets
@@ -23,6 +24,7 @@ import httpx
 import pytest
 
 from e2b import (
+    AsyncSandbox,
     AuthenticationException,
     CommandExitException,
     FileType,
@@ -273,6 +275,52 @@ def test_set_timeout_moves_the_end(sbx):
     sbx.set_timeout(3000)
     after = sbx.get_info().end_at
     assert (after - before).total_seconds() > 2000
+
+
+def wait_until_gone(sid: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while sid in [x.sandbox_id for x in Sandbox.list().next_items()]:
+        assert time.monotonic() < deadline, f"sandbox {sid} outlived its timeout"
+        time.sleep(0.5)
+
+
+def test_set_timeout_zero_expires_now(server):
+    # E2B accepts 0: the sandbox's time is up now (E2B's own lifecycle tests use it).
+    s = Sandbox.create(timeout=300)
+    s.set_timeout(0)
+    wait_until_gone(s.sandbox_id)
+    assert not s.is_running()
+    assert Sandbox.kill(s.sandbox_id) is False
+    assert_every_process_has_a_record(server)
+
+
+def test_set_timeout_zero_pauses_an_auto_pause_sandbox(server):
+    s = Sandbox.create(timeout=300, lifecycle={"on_timeout": "pause"})
+    sid = s.sandbox_id
+    try:
+        s.files.write("/tmp/expired.txt", "kept")
+        s.set_timeout(0)
+        deadline = time.monotonic() + 60
+        while Sandbox.get_info(sid).state != SandboxState.PAUSED:
+            assert time.monotonic() < deadline, "set_timeout(0) did not pause the sandbox"
+            time.sleep(0.5)
+        back = Sandbox.connect(sid)
+        assert back.files.read("/tmp/expired.txt") == "kept"
+    finally:
+        Sandbox.kill(sid)
+
+
+def test_set_timeout_zero_expires_now_async(server):
+    async def main():
+        s = await AsyncSandbox.create(timeout=300)
+        await s.set_timeout(0)
+        deadline = time.monotonic() + 30
+        while await s.is_running():
+            assert time.monotonic() < deadline, "set_timeout(0) left the sandbox running"
+            await asyncio.sleep(0.5)
+        assert await AsyncSandbox.kill(s.sandbox_id) is False
+
+    asyncio.run(main())
 
 
 def test_a_sandbox_that_times_out_is_gone(server):

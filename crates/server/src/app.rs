@@ -234,11 +234,17 @@ impl App {
         }
     }
 
-    pub(crate) fn validate_timeout(&self, what: &str, secs: i64) -> Result<i64, ApiError> {
+    /// A lifetime in seconds, between `min` and the configured maximum.
+    pub(crate) fn validate_timeout(
+        &self,
+        what: &str,
+        secs: i64,
+        min: i64,
+    ) -> Result<i64, ApiError> {
         let max = i64::try_from(self.config.max_timeout.as_secs()).unwrap_or(i64::MAX);
-        if !(1..=max).contains(&secs) {
+        if !(min..=max).contains(&secs) {
             return Err(ApiError::bad_request(format!(
-                "{what} must be between 1 and {max} seconds, got {secs}"
+                "{what} must be between {min} and {max} seconds, got {secs}"
             )));
         }
         Ok(secs)
