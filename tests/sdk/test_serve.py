@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -387,6 +387,46 @@ def test_ten_concurrent_creates_all_succeed(server):
         for s in sandboxes:
             s.kill()
     assert_every_process_has_a_record(server)
+
+
+def test_metrics_honour_start_and_end(server):
+    before = datetime.now(timezone.utc)
+    s = Sandbox.create(timeout=300)
+    try:
+        # E2B samples every 5 s: wait for a history of at least two samples.
+        deadline = time.monotonic() + 60
+        while len(history := s.get_metrics()) < 2:
+            assert time.monotonic() < deadline, f"no metrics history: {history}"
+            time.sleep(1)
+        stamps = [m.timestamp for m in history]
+        assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps), stamps
+        assert all(m.mem_total > 0 and m.cpu_count > 0 for m in history)
+        # A range before the sandbox existed has no samples.
+        assert s.get_metrics(start=before - timedelta(hours=2), end=before - timedelta(hours=1)) == []
+        # A range holding only the first sample returns only that one.
+        first = history[0].timestamp
+        only = s.get_metrics(start=first, end=first)
+        assert [m.timestamp for m in only] == [first], only
+        # From the second sample on, the first is left out.
+        later = s.get_metrics(start=history[1].timestamp)
+        assert later and all(m.timestamp >= history[1].timestamp for m in later), later
+        assert first not in [m.timestamp for m in later]
+    finally:
+        s.kill()
+
+
+def test_metrics_honour_start_and_end_async(server):
+    async def main():
+        before = datetime.now(timezone.utc)
+        s = await AsyncSandbox.create(timeout=300)
+        try:
+            assert await s.get_metrics()
+            old = await s.get_metrics(start=before - timedelta(days=1), end=before - timedelta(hours=1))
+            assert old == []
+        finally:
+            await s.kill()
+
+    asyncio.run(main())
 
 
 # ---------------------------------------------------------------- commands through the proxy

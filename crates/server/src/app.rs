@@ -26,6 +26,7 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::auth::KeyRing;
 use crate::error::ApiError;
+use crate::lifecycle::MetricsHistory;
 use crate::orchestrator::Orchestrator;
 use crate::store::{RecordState, SandboxRecord, Store, StoreError};
 use crate::templates::{BuildProgress, TemplateBuilder};
@@ -172,6 +173,7 @@ pub struct App {
     pub(crate) builds: Mutex<HashMap<String, LiveBuild>>,
     pub(crate) expiring: Mutex<HashSet<SandboxId>>,
     pub(crate) client: Client<HttpConnector, Body>,
+    pub(crate) metric_history: MetricsHistory,
 }
 
 impl std::fmt::Debug for App {
@@ -231,6 +233,7 @@ impl App {
             builds: Mutex::new(HashMap::new()),
             expiring: Mutex::new(HashSet::new()),
             client: http_client(),
+            metric_history: MetricsHistory::default(),
         }
     }
 
@@ -267,6 +270,7 @@ impl App {
             remove_dir(&snapshots_dir.join(id.as_str()));
         }
         self.locks.forget(id);
+        self.metric_history.forget(id);
     }
 }
 

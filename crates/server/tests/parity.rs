@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{Options, TestServer, eventually};
 use http::{Method, StatusCode};
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zero_timeout_expires_the_sandbox_now() {
@@ -77,4 +78,48 @@ async fn a_zero_timeout_expires_the_sandbox_now() {
         r.assert_error(StatusCode::BAD_REQUEST)
             .contains("between 0 and")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_keep_a_history_that_start_and_end_select() {
+    let s = TestServer::start(Options::default()).await;
+    let sb = s.create(r#"{"templateID":"base"}"#).await;
+    let id = sb["sandboxID"].as_str().unwrap();
+    let metrics = async |query: &str| {
+        s.api(Method::GET, &format!("/sandboxes/{id}/metrics{query}"), "")
+            .await
+    };
+    // Right after create: one sample, taken on request.
+    let first = metrics("").await.json();
+    assert_eq!(first.as_array().unwrap().len(), 1, "{first}");
+    let t0 = first[0]["timestampUnix"].as_i64().unwrap();
+    // The sweep adds one every 5 s.
+    eventually("a second sample", Duration::from_secs(20), async || {
+        metrics("").await.json().as_array().unwrap().len() >= 2
+    })
+    .await;
+    let all = metrics("").await.json();
+    let stamps: Vec<i64> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["timestampUnix"].as_i64().unwrap())
+        .collect();
+    assert!(stamps.windows(2).all(|w| w[0] < w[1]), "{stamps:?}");
+    assert_eq!(
+        metrics(&format!("?start={t0}&end={t0}")).await.json(),
+        json!([first[0]])
+    );
+    let later = metrics(&format!("?start={}", t0 + 1)).await.json();
+    assert!(!later.as_array().unwrap().is_empty());
+    assert!(!later.as_array().unwrap().contains(&first[0]));
+    // Before the sandbox existed: nothing.
+    let before = format!("?start={}&end={}", t0 - 7200, t0 - 3600);
+    assert_eq!(metrics(&before).await.json(), json!([]));
+    metrics(&format!("?start={t0}&end={}", t0 - 1))
+        .await
+        .assert_error(StatusCode::BAD_REQUEST);
+    metrics("?start=yesterday")
+        .await
+        .assert_error(StatusCode::BAD_REQUEST);
 }
