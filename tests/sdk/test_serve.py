@@ -429,6 +429,52 @@ def test_metrics_honour_start_and_end_async(server):
     asyncio.run(main())
 
 
+def test_signed_urls_work_without_headers(server, sbx):
+    # E2B_SANDBOX_URL points at firkin, so the SDK's signed URLs carry no sandbox id at all:
+    # the signature alone must find the sandbox (a browser or curl sends nothing else).
+    path = uniq("signed") + ".txt"
+    sbx.files.write(path, "downloaded")
+    url = sbx.download_url(path)
+    assert url.startswith(server.url + "/files?") and "signature=" in url
+    r = httpx.get(url, timeout=60)
+    assert (r.status_code, r.text) == (200, "downloaded"), (r.status_code, r.text)
+    r = httpx.get(sbx.download_url(path, user="root", use_signature_expiration=60), timeout=60)
+    assert (r.status_code, r.text) == (200, "downloaded"), (r.status_code, r.text)
+
+    up = uniq("uploaded") + ".txt"
+    r = httpx.post(sbx.upload_url(up), files={"file": ("x", b"uploaded")}, timeout=60)
+    assert r.status_code == 200, (r.status_code, r.text)
+    assert sbx.files.read(up) == "uploaded"
+
+    # A signature no sandbox made: E2B's JSON error, not a route miss.
+    bad = url.replace("signature=v1_", "signature=v1_x")
+    r = httpx.get(bad, timeout=60)
+    assert r.status_code == 401 and r.json()["code"] == 401 and r.json()["message"], r.text
+    # A signed read URL does not authorise a write.
+    r = httpx.post(url, files={"file": ("x", b"nope")}, timeout=60)
+    assert r.status_code == 401, (r.status_code, r.text)
+    assert sbx.files.read(path) == "downloaded"
+
+
+def test_signed_urls_work_without_headers_async(server):
+    async def main():
+        s = await AsyncSandbox.create(timeout=120)
+        try:
+            path = uniq("signed-async") + ".txt"
+            await s.files.write(path, "async")
+            async with httpx.AsyncClient(timeout=60) as c:
+                r = await c.get(s.download_url(path))
+                assert (r.status_code, r.text) == (200, "async"), (r.status_code, r.text)
+                up = uniq("uploaded-async") + ".txt"
+                r = await c.post(s.upload_url(up), files={"file": ("x", b"up")})
+                assert r.status_code == 200, (r.status_code, r.text)
+            assert await s.files.read(up) == "up"
+        finally:
+            await s.kill()
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------- commands through the proxy
 
 

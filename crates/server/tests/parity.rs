@@ -7,8 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::{Options, TestServer, eventually};
+use firkin_e2b_wire::file_signature::{SigningOp, sign};
 use http::{Method, StatusCode};
-use serde_json::json;
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zero_timeout_expires_the_sandbox_now() {
@@ -122,4 +124,63 @@ async fn metrics_keep_a_history_that_start_and_end_select() {
     metrics("?start=yesterday")
         .await
         .assert_error(StatusCode::BAD_REQUEST);
+}
+
+fn signed(path: &str, op: SigningOp, token: &str) -> String {
+    let sig = sign(path, op, "", token, None);
+    format!(
+        "/files?path={}&signature={}",
+        utf8_percent_encode(path, NON_ALPHANUMERIC),
+        utf8_percent_encode(&sig, NON_ALPHANUMERIC)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_file_urls_find_their_sandbox_without_headers() {
+    let s = TestServer::start(Options::default()).await;
+    // Two sandboxes: the signature, not the order, picks the right one.
+    let other = s.create(r#"{"templateID":"base"}"#).await;
+    let sb = s.create(r#"{"templateID":"base"}"#).await;
+    let token = |v: &Value| v["envdAccessToken"].as_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("signed.txt");
+    let path = path.to_str().unwrap();
+
+    let up = signed(path, SigningOp::Write, &token(&sb));
+    let ct = [("content-type", "application/octet-stream")];
+    let r = s.call(Method::POST, &up, &ct, "signed upload").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let down = signed(path, SigningOp::Read, &token(&sb));
+    let r = s.call(Method::GET, &down, &[], "").await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (StatusCode::OK, "signed upload")
+    );
+
+    // The other sandbox's token signs for the other sandbox only.
+    let r = s
+        .call(
+            Method::GET,
+            &signed("/nope", SigningOp::Read, &token(&other)),
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text());
+    // A read URL does not upload; a signature nobody made is E2B's JSON 401.
+    s.call(Method::POST, &down, &ct, "x")
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED);
+    s.call(
+        Method::GET,
+        &down.replace("signature=v1", "signature=v2"),
+        &[],
+        "",
+    )
+    .await
+    .assert_error(StatusCode::UNAUTHORIZED);
+    // Unsigned and without a sandbox: still the control plane's 404.
+    s.call(Method::GET, "/files?path=/etc/hostname", &[], "")
+        .await
+        .assert_error(StatusCode::NOT_FOUND);
 }
