@@ -6,6 +6,7 @@ VMs, the default) or `process` (host processes, for developing firkin without VM
 tests/sdk/run-serve.sh builds everything and runs this file.
 """
 
+import asyncio
 import concurrent.futures
 import os
 import secrets
@@ -16,13 +17,14 @@ import subprocess
 import tempfile
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
 import pytest
 
 from e2b import (
+    AsyncSandbox,
     AuthenticationException,
     CommandExitException,
     FileType,
@@ -275,6 +277,52 @@ def test_set_timeout_moves_the_end(sbx):
     assert (after - before).total_seconds() > 2000
 
 
+def wait_until_gone(sid: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while sid in [x.sandbox_id for x in Sandbox.list().next_items()]:
+        assert time.monotonic() < deadline, f"sandbox {sid} outlived its timeout"
+        time.sleep(0.5)
+
+
+def test_set_timeout_zero_expires_now(server):
+    # E2B accepts 0: the sandbox's time is up now (E2B's own lifecycle tests use it).
+    s = Sandbox.create(timeout=300)
+    s.set_timeout(0)
+    wait_until_gone(s.sandbox_id)
+    assert not s.is_running()
+    assert Sandbox.kill(s.sandbox_id) is False
+    assert_every_process_has_a_record(server)
+
+
+def test_set_timeout_zero_pauses_an_auto_pause_sandbox(server):
+    s = Sandbox.create(timeout=300, lifecycle={"on_timeout": "pause"})
+    sid = s.sandbox_id
+    try:
+        s.files.write("/tmp/expired.txt", "kept")
+        s.set_timeout(0)
+        deadline = time.monotonic() + 60
+        while Sandbox.get_info(sid).state != SandboxState.PAUSED:
+            assert time.monotonic() < deadline, "set_timeout(0) did not pause the sandbox"
+            time.sleep(0.5)
+        back = Sandbox.connect(sid)
+        assert back.files.read("/tmp/expired.txt") == "kept"
+    finally:
+        Sandbox.kill(sid)
+
+
+def test_set_timeout_zero_expires_now_async(server):
+    async def main():
+        s = await AsyncSandbox.create(timeout=300)
+        await s.set_timeout(0)
+        deadline = time.monotonic() + 30
+        while await s.is_running():
+            assert time.monotonic() < deadline, "set_timeout(0) left the sandbox running"
+            await asyncio.sleep(0.5)
+        assert await AsyncSandbox.kill(s.sandbox_id) is False
+
+    asyncio.run(main())
+
+
 def test_a_sandbox_that_times_out_is_gone(server):
     s = Sandbox.create(timeout=3)
     sid = s.sandbox_id
@@ -339,6 +387,92 @@ def test_ten_concurrent_creates_all_succeed(server):
         for s in sandboxes:
             s.kill()
     assert_every_process_has_a_record(server)
+
+
+def test_metrics_honour_start_and_end(server):
+    before = datetime.now(timezone.utc)
+    s = Sandbox.create(timeout=300)
+    try:
+        # E2B samples every 5 s: wait for a history of at least two samples.
+        deadline = time.monotonic() + 60
+        while len(history := s.get_metrics()) < 2:
+            assert time.monotonic() < deadline, f"no metrics history: {history}"
+            time.sleep(1)
+        stamps = [m.timestamp for m in history]
+        assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps), stamps
+        assert all(m.mem_total > 0 and m.cpu_count > 0 for m in history)
+        # A range before the sandbox existed has no samples.
+        assert s.get_metrics(start=before - timedelta(hours=2), end=before - timedelta(hours=1)) == []
+        # A range holding only the first sample returns only that one.
+        first = history[0].timestamp
+        only = s.get_metrics(start=first, end=first)
+        assert [m.timestamp for m in only] == [first], only
+        # From the second sample on, the first is left out.
+        later = s.get_metrics(start=history[1].timestamp)
+        assert later and all(m.timestamp >= history[1].timestamp for m in later), later
+        assert first not in [m.timestamp for m in later]
+    finally:
+        s.kill()
+
+
+def test_metrics_honour_start_and_end_async(server):
+    async def main():
+        before = datetime.now(timezone.utc)
+        s = await AsyncSandbox.create(timeout=300)
+        try:
+            assert await s.get_metrics()
+            old = await s.get_metrics(start=before - timedelta(days=1), end=before - timedelta(hours=1))
+            assert old == []
+        finally:
+            await s.kill()
+
+    asyncio.run(main())
+
+
+def test_signed_urls_work_without_headers(server, sbx):
+    # E2B_SANDBOX_URL points at firkin, so the SDK's signed URLs carry no sandbox id at all:
+    # the signature alone must find the sandbox (a browser or curl sends nothing else).
+    path = uniq("signed") + ".txt"
+    sbx.files.write(path, "downloaded")
+    url = sbx.download_url(path)
+    assert url.startswith(server.url + "/files?") and "signature=" in url
+    r = httpx.get(url, timeout=60)
+    assert (r.status_code, r.text) == (200, "downloaded"), (r.status_code, r.text)
+    r = httpx.get(sbx.download_url(path, user="root", use_signature_expiration=60), timeout=60)
+    assert (r.status_code, r.text) == (200, "downloaded"), (r.status_code, r.text)
+
+    up = uniq("uploaded") + ".txt"
+    r = httpx.post(sbx.upload_url(up), files={"file": ("x", b"uploaded")}, timeout=60)
+    assert r.status_code == 200, (r.status_code, r.text)
+    assert sbx.files.read(up) == "uploaded"
+
+    # A signature no sandbox made: E2B's JSON error, not a route miss.
+    bad = url.replace("signature=v1_", "signature=v1_x")
+    r = httpx.get(bad, timeout=60)
+    assert r.status_code == 401 and r.json()["code"] == 401 and r.json()["message"], r.text
+    # A signed read URL does not authorise a write.
+    r = httpx.post(url, files={"file": ("x", b"nope")}, timeout=60)
+    assert r.status_code == 401, (r.status_code, r.text)
+    assert sbx.files.read(path) == "downloaded"
+
+
+def test_signed_urls_work_without_headers_async(server):
+    async def main():
+        s = await AsyncSandbox.create(timeout=120)
+        try:
+            path = uniq("signed-async") + ".txt"
+            await s.files.write(path, "async")
+            async with httpx.AsyncClient(timeout=60) as c:
+                r = await c.get(s.download_url(path))
+                assert (r.status_code, r.text) == (200, "async"), (r.status_code, r.text)
+                up = uniq("uploaded-async") + ".txt"
+                r = await c.post(s.upload_url(up), files={"file": ("x", b"up")})
+                assert r.status_code == 200, (r.status_code, r.text)
+            assert await s.files.read(up) == "up"
+        finally:
+            await s.kill()
+
+    asyncio.run(main())
 
 
 # ---------------------------------------------------------------- commands through the proxy

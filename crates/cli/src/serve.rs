@@ -60,7 +60,8 @@ pub struct ServeArgs {
     cache_dir: Option<PathBuf>,
 
     /// Domain for `{port}-{sandboxID}.{domain}` host routing (wildcard DNS and TLS in front);
-    /// also returned to SDKs as the sandbox domain.
+    /// also returned to SDKs as the sandbox domain. `localhost` makes `get_host()` names reach
+    /// sandboxes from a browser on this machine (`http://49999-<id>.localhost:3000/`).
     #[arg(long, env = "FIRKIN_DOMAIN")]
     domain: Option<String>,
 

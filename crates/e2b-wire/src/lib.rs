@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 mod envd;
 pub use envd::EnvdInit;
 
+#[cfg(feature = "signature")]
+pub mod file_signature;
+
 #[cfg(feature = "axum")]
 mod api_error;
 #[cfg(feature = "axum")]

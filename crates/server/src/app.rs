@@ -26,6 +26,7 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::auth::KeyRing;
 use crate::error::ApiError;
+use crate::lifecycle::MetricsHistory;
 use crate::orchestrator::Orchestrator;
 use crate::store::{RecordState, SandboxRecord, Store, StoreError};
 use crate::templates::{BuildProgress, TemplateBuilder};
@@ -172,6 +173,7 @@ pub struct App {
     pub(crate) builds: Mutex<HashMap<String, LiveBuild>>,
     pub(crate) expiring: Mutex<HashSet<SandboxId>>,
     pub(crate) client: Client<HttpConnector, Body>,
+    pub(crate) metric_history: MetricsHistory,
 }
 
 impl std::fmt::Debug for App {
@@ -231,14 +233,21 @@ impl App {
             builds: Mutex::new(HashMap::new()),
             expiring: Mutex::new(HashSet::new()),
             client: http_client(),
+            metric_history: MetricsHistory::default(),
         }
     }
 
-    pub(crate) fn validate_timeout(&self, what: &str, secs: i64) -> Result<i64, ApiError> {
+    /// A lifetime in seconds, between `min` and the configured maximum.
+    pub(crate) fn validate_timeout(
+        &self,
+        what: &str,
+        secs: i64,
+        min: i64,
+    ) -> Result<i64, ApiError> {
         let max = i64::try_from(self.config.max_timeout.as_secs()).unwrap_or(i64::MAX);
-        if !(1..=max).contains(&secs) {
+        if !(min..=max).contains(&secs) {
             return Err(ApiError::bad_request(format!(
-                "{what} must be between 1 and {max} seconds, got {secs}"
+                "{what} must be between {min} and {max} seconds, got {secs}"
             )));
         }
         Ok(secs)
@@ -261,6 +270,7 @@ impl App {
             remove_dir(&snapshots_dir.join(id.as_str()));
         }
         self.locks.forget(id);
+        self.metric_history.forget(id);
     }
 }
 

@@ -1,6 +1,7 @@
-//! The sandbox plane: requests for a sandbox (by `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers or
-//! a `{port}-{id}.{domain}` host) are streamed to the sandbox's forwarded port, both ways, with
-//! no buffering and no parsing of envd's payloads. Everything else goes to the control plane.
+//! The sandbox plane: requests for a sandbox (by `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers, a
+//! `{port}-{id}.{domain}` host, or a signed `/files` URL's signature) are streamed to the
+//! sandbox's forwarded port, both ways, with no buffering and no parsing of envd's payloads.
+//! Everything else goes to the control plane.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
 use firkin_e2b_contract::ENVD_PORT;
+use firkin_e2b_wire::file_signature::{SignedQuery, SigningOp};
 use firkin_types::{PortSandboxHost, SandboxId};
 use hyper_util::rt::TokioIo;
 use tower::ServiceExt;
@@ -18,6 +20,7 @@ use tower::ServiceExt;
 use crate::api::BodyLimit;
 use crate::app::App;
 use crate::error::{ApiError, sandbox_plane_not_found, sandbox_plane_port_closed};
+use crate::store::RecordState;
 
 /// Where a request goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +82,9 @@ pub(crate) async fn dispatch(app: Arc<App>, cp: Router, mut req: Request) -> Res
         app.config.domain.as_deref(),
     );
     match tgt {
+        Ok(Target::ControlPlane) if req.uri().path() == "/files" && is_signed(&req) => {
+            signed_file_url(&app, req).await
+        }
         Ok(Target::ControlPlane) => {
             req.extensions_mut()
                 .insert(BodyLimit(app.config.body_limit));
@@ -89,6 +95,36 @@ pub(crate) async fn dispatch(app: Arc<App>, cp: Router, mut req: Request) -> Res
         }
         Ok(Target::Sandbox { id, port }) => proxy(&app, req, &id, port).await,
         Err(e) => e.into_response(),
+    }
+}
+
+fn is_signed(req: &Request) -> bool {
+    SignedQuery::parse(req.uri().query().unwrap_or("")).is_ok_and(|q| q.is_signed())
+}
+
+/// The SDK's `download_url`/`upload_url` under `E2B_SANDBOX_URL` name no sandbox (no header, no
+/// `{port}-{id}` host): only their signature says whose they are. It was made with one
+/// sandbox's envd token, so the sandbox whose token reproduces it is the one to forward to,
+/// where envd checks it again, expiry included.
+async fn signed_file_url(app: &Arc<App>, req: Request) -> Response {
+    let query = match SignedQuery::parse(req.uri().query().unwrap_or("")) {
+        Ok(q) => q,
+        Err(e) => return ApiError::bad_request(e.to_string()).into_response(),
+    };
+    let op = SigningOp::of_method(req.method().as_str());
+    let records = match app.store.sandboxes() {
+        Ok(r) => r,
+        Err(err) => return crate::app::store_err(err).into_response(),
+    };
+    // Paused ones too: the proxy resumes those that asked for it, and says "paused" otherwise.
+    let owner = records
+        .iter()
+        .filter(|r| r.state != RecordState::Starting)
+        .find(|r| query.signed_with(op, &r.access_token));
+    match owner {
+        Some(r) => proxy(app, req, r.sandbox_id.as_str(), ENVD_PORT).await,
+        None => ApiError::unauthorized("invalid file signature: no sandbox signed this URL")
+            .into_response(),
     }
 }
 

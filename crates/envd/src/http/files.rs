@@ -12,14 +12,13 @@ use axum::body::BodyDataStream;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
+use firkin_e2b_wire::file_signature::{SignatureError, SignedQuery, SigningOp};
 use futures::{StreamExt, TryStreamExt};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::ApiError;
@@ -36,73 +35,18 @@ const CHUNK: usize = 64 * 1024;
 pub struct FileParams {
     path: Option<String>,
     username: Option<String>,
-    signature: Option<String>,
-    signature_expiration: Option<String>,
 }
 
-/// Which operation a signature authorizes.
-#[derive(Debug, Clone, Copy)]
-pub enum SigningOp {
-    /// `GET /files`.
-    Read,
-    /// `POST /files`.
-    Write,
-}
-
-impl SigningOp {
-    fn as_str(self) -> &'static str {
-        match self {
-            SigningOp::Read => "read",
-            SigningOp::Write => "write",
-        }
-    }
-}
-
-/// The `v1_` signature for a file URL (§4.3): base64 (no padding) of SHA-256 over
-/// `path:op:username:token[:expiration]`.
-pub fn sign(path: &str, op: SigningOp, username: &str, token: &str, exp: Option<&str>) -> String {
-    let mut raw = format!("{path}:{}:{username}:{token}", op.as_str());
-    if let Some(exp) = exp {
-        raw.push(':');
-        raw.push_str(exp);
-    }
-    let digest = Sha256::digest(raw.as_bytes());
-    format!(
-        "v1_{}",
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
-    )
-}
-
-/// Checks the signature in a `/files` query string against `token`.
+/// Checks the signature in a `/files` query string against `token` (E2B's formula lives in
+/// `firkin_e2b_wire::file_signature`, shared with the server's routing of signed URLs).
 pub fn verify_signature(query: &str, op: SigningOp, token: &str) -> Result<(), ApiError> {
-    let params: FileParams = serde_urlencoded::from_str(query)
-        .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))?;
-    let Some(signature) = params.signature.as_deref() else {
-        return Err(ApiError::unauthorized(
-            "missing access token or file signature",
-        ));
-    };
-    let exp = params.signature_expiration.as_deref();
-    if let Some(exp) = exp {
-        let when: i64 = exp
-            .parse()
-            .map_err(|_| ApiError::unauthorized("invalid signature expiration"))?;
-        if time::OffsetDateTime::now_utc().unix_timestamp() > when {
-            return Err(ApiError::unauthorized("signature expired"));
-        }
-    }
-    let expected = sign(
-        params.path.as_deref().unwrap_or(""),
-        op,
-        params.username.as_deref().unwrap_or(""),
-        token,
-        exp,
-    );
-    if super::constant_time_eq(expected.as_bytes(), signature.as_bytes()) {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized("invalid file signature"))
-    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    SignedQuery::parse(query)
+        .and_then(|q| q.verify(op, token, now))
+        .map_err(|e| match e {
+            SignatureError::Query(_) => ApiError::bad_request(e.to_string()),
+            _ => ApiError::unauthorized(e.to_string()),
+        })
 }
 
 fn resolve_user(envd: &Envd, name: Option<&str>) -> Result<User, ApiError> {
@@ -571,18 +515,5 @@ mod tests {
         assert_eq!(unescape_filename("/tmp/a\\\\b"), "/tmp/a\\b");
         assert_eq!(unescape_filename("/tmp/x/y.txt"), "/tmp/x/y.txt");
         assert_eq!(unescape_filename("/tmp/100%"), "/tmp/100%");
-    }
-
-    #[test]
-    fn signature_matches_the_sdk() {
-        // Values computed with e2b 2.63.0's `get_signature`.
-        assert_eq!(
-            sign("/tmp/a", SigningOp::Read, "", "tok", None),
-            "v1_jRv7bf35peDXq059OOOyWD0PBnF4OWRLw0tBteoU7A4"
-        );
-        assert_eq!(
-            sign("~/x y", SigningOp::Write, "user", "tok", None),
-            "v1_3OG4eq00IBSU+D5o7mmMjNvtYfhK7LAYoffLsxWF0x0"
-        );
     }
 }

@@ -8,6 +8,7 @@ use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use firkin_e2b_wire::file_signature;
 
 pub use firkin_e2b_wire::ApiError;
 
@@ -42,18 +43,10 @@ pub fn router(envd: Arc<Envd>) -> Router {
         .with_state(envd)
 }
 
-/// Compares without an early exit, so response timing does not reveal the matching prefix.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn header_token_matches(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get("x-access-token")
-        .is_some_and(|v| constant_time_eq(v.as_bytes(), token.as_bytes()))
+        .is_some_and(|v| file_signature::constant_time_eq(v.as_bytes(), token.as_bytes()))
 }
 
 /// Every request but `/health` must carry the token `/init` set in `X-Access-Token`, or, before
@@ -77,11 +70,7 @@ async fn require_token(State(envd): State<Arc<Envd>>, req: Request, next: Next) 
         return next.run(req).await;
     }
     if path == "/files" {
-        let op = if req.method() == axum::http::Method::POST {
-            files::SigningOp::Write
-        } else {
-            files::SigningOp::Read
-        };
+        let op = file_signature::SigningOp::of_method(req.method().as_str());
         return match files::verify_signature(req.uri().query().unwrap_or(""), op, &token) {
             Ok(()) => next.run(req).await,
             Err(e) => e.into_response(),

@@ -3,8 +3,8 @@
 use std::os::unix::fs::MetadataExt;
 
 use bytes::Bytes;
+use firkin_e2b_wire::file_signature::{self, SigningOp};
 use firkin_envd::client::Client;
-use firkin_envd::http::files::SigningOp;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -387,13 +387,7 @@ async fn files_signed_urls_are_verified() {
 
 /// A `/files` URL for `path`, carrying a signature made for `signed_path`.
 fn signed_url(path: &str, signed_path: &str, op: SigningOp, expires: Option<&str>) -> String {
-    let sig = urlencode(&firkin_envd::http::files::sign(
-        signed_path,
-        op,
-        "",
-        TOKEN,
-        expires,
-    ));
+    let sig = urlencode(&file_signature::sign(signed_path, op, "", TOKEN, expires));
     match expires {
         None => format!("/files?path={path}&signature={sig}"),
         Some(e) => format!("/files?path={path}&signature={sig}&signature_expiration={e}"),

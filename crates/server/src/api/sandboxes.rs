@@ -17,6 +17,7 @@ use super::internal;
 use super::list::ListQuery;
 use crate::app::{App, CLIENT_ID, ENVD_VERSION, rfc3339_ms};
 use crate::error::ApiError;
+use crate::lifecycle::MetricsRange;
 use crate::store::{RecordState, SandboxRecord};
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -166,8 +167,9 @@ pub(super) async fn resume_v1(
 pub(super) async fn metrics(
     State(app): State<Arc<App>>,
     SandboxPath(id): SandboxPath,
+    ApiQuery(range): ApiQuery<MetricsRange>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(app.metrics(&id).await?).into_response())
+    Ok(Json(app.metrics(&id, range).await?).into_response())
 }
 
 fn sandbox_dto(app: &App, r: &SandboxRecord) -> Sandbox {

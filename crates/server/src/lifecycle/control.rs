@@ -135,7 +135,7 @@ impl App {
         timeout: Option<i64>,
     ) -> Result<(SandboxRecord, bool), ApiError> {
         let timeout = timeout
-            .map(|t| self.validate_timeout("timeout", t))
+            .map(|t| self.validate_timeout("timeout", t, 1))
             .transpose()?;
         let _guard = self.locks.lock(id).await;
         let mut record = self.visible(id)?;
@@ -211,15 +211,21 @@ impl App {
     // ------------------------------------------------------------------ timeouts
 
     pub(crate) async fn set_timeout(&self, id: &SandboxId, secs: i64) -> Result<(), ApiError> {
-        let secs = self.validate_timeout("timeout", secs)?;
+        // E2B accepts 0: the sandbox's time is up now. The timeout loop then kills it, or pauses
+        // it if it asked for that, on its next tick, as for any other end.
+        let secs = self.validate_timeout("timeout", secs, 0)?;
         let _guard = self.locks.lock(id).await;
         let record = self.visible(id)?;
-        let end = match record.state {
-            RecordState::Running => now_ms() + secs_ms(secs),
+        match (record.state, secs) {
+            // The lifetime is kept for a later resume: storing 0 would expire it again at once.
+            (RecordState::Running, 0) => self.store.set_end(id, now_ms()),
+            (RecordState::Running, _) => self.store.set_timeout(id, secs, now_ms() + secs_ms(secs)),
+            // A paused sandbox is already past its end.
+            (_, 0) => Ok(true),
             // A paused sandbox's clock starts at resume; keep the new lifetime for then.
-            _ => record.end_ms,
-        };
-        self.store.set_timeout(id, secs, end).map_err(store_err)?;
+            _ => self.store.set_timeout(id, secs, record.end_ms),
+        }
+        .map_err(store_err)?;
         Ok(())
     }
 

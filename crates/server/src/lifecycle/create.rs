@@ -55,7 +55,7 @@ impl App {
     }
 
     async fn create(self: Arc<Self>, req: SandboxCreateRequest) -> Result<SandboxRecord, ApiError> {
-        let timeout = self.validate_timeout("timeout", req.timeout)?;
+        let timeout = self.validate_timeout("timeout", req.timeout, 1)?;
         validate_vars("metadata", &req.metadata, false)?;
         validate_vars("envVars", &req.env_vars, true)?;
         refuse_unsupported(&req)?;

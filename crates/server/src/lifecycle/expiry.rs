@@ -164,8 +164,8 @@ impl App {
     }
 }
 
-/// Starts the loops that drive lifetimes: the timeout tick (with a reconcile every 20 ticks)
-/// and the reaction to VMs that exit.
+/// Starts the loops that drive lifetimes: the timeout tick (with a reconcile every 20 ticks,
+/// and the metrics sweep at its own cadence) and the reaction to VMs that exit.
 pub(crate) fn spawn_background(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
     app.rt.spawn_warm_pool();
     let ticker = {
@@ -177,6 +177,7 @@ pub(crate) fn spawn_background(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()
             loop {
                 tick.tick().await;
                 app.expire_due();
+                app.sample_metrics_due();
                 n += 1;
                 if n.is_multiple_of(20) {
                     app.reconcile();

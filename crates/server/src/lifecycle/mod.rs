@@ -5,5 +5,6 @@ mod control;
 mod create;
 pub(crate) mod expiry;
 mod metrics;
+pub(crate) use metrics::{MetricsHistory, MetricsRange};
 pub(crate) mod recovery;
 pub(crate) mod templates;
