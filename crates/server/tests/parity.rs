@@ -87,6 +87,9 @@ async fn metrics_keep_a_history_that_start_and_end_select() {
     let s = TestServer::start(Options::default()).await;
     let sb = s.create(r#"{"templateID":"base"}"#).await;
     let id = sb["sandboxID"].as_str().unwrap();
+    // A second sandbox nobody asks about until the end: the sweep leaves it alone.
+    let unasked = s.create(r#"{"templateID":"base"}"#).await;
+    let unasked = unasked["sandboxID"].as_str().unwrap();
     let metrics = async |query: &str| {
         s.api(Method::GET, &format!("/sandboxes/{id}/metrics{query}"), "")
             .await
@@ -124,6 +127,12 @@ async fn metrics_keep_a_history_that_start_and_end_select() {
     metrics("?start=yesterday")
         .await
         .assert_error(StatusCode::BAD_REQUEST);
+    // Sweeps have run meanwhile, but woke only the sandbox whose metrics were asked for.
+    let only = s
+        .api(Method::GET, &format!("/sandboxes/{unasked}/metrics"), "")
+        .await
+        .json();
+    assert_eq!(only.as_array().unwrap().len(), 1, "{only}");
 }
 
 fn signed(path: &str, op: SigningOp, token: &str) -> String {
