@@ -1,27 +1,16 @@
 #!/usr/bin/env bash
 # Drives a live `firkin serve` through the official e2b Python SDK (tests/sdk/test_serve.py).
-# Works on a fresh Debian 12 machine as root: installs python3-venv when needed, creates or
-# reuses $REPO/.venv, builds firkin and firkin-envd, runs pytest. Extra arguments go to pytest.
+# Works on a fresh Debian 12 machine as root: creates or reuses the venv (tests/sdk/venv.sh:
+# FIRKIN_SDK_VENV, FIRKIN_SDK_NEWEST), builds firkin and firkin-envd, runs pytest. Extra arguments go
+# to pytest.
 #
 #   FIRKIN_TEST_BACKEND=qemu|process   sandbox backend (default qemu: real VMs)
 #   FIRKIN_CACHE_DIR                   shared cache (templates built once are reused)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-VENV="$REPO/.venv"
 cd "$REPO"
-
-if [ ! -x "$VENV/bin/python" ]; then
-  if ! python3 -m venv "$VENV" 2>/dev/null; then
-    rm -rf "$VENV"
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      DEBIAN_FRONTEND=noninteractive apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-    fi
-    python3 -m venv "$VENV"
-  fi
-fi
-"$VENV/bin/pip" install --disable-pip-version-check -q -r tests/sdk/requirements.txt
+. tests/sdk/venv.sh
 
 # The suite runs commands as `user`; a VM template has it, a bare host may not.
 if [ "${FIRKIN_TEST_BACKEND:-qemu}" = process ] && [ "$(id -u)" = 0 ] && ! id user >/dev/null 2>&1; then

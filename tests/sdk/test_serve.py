@@ -496,6 +496,35 @@ def test_run_as_users(sbx):
         assert sbx.commands.run("pwd", user="user").stdout == "/home/user\n"
 
 
+@pytest.mark.skipif(BACKEND != "qemu", reason="the `base` template's tools, not the host's")
+def test_base_has_the_tools_agents_call_by_name(sbx):
+    """E2B's base image has these on `user`'s PATH, and agents call them by name (issue 18)."""
+
+    def run(cmd: str) -> str:
+        return sbx.commands.run(cmd, user="user", cwd="/tmp").stdout
+
+    assert run("python -c 'import sys; print(sys.version_info[0] * 14)'") == "42\n"
+    assert run("pip --version").startswith("pip ")
+    assert run("node -e 'console.log(6 * 7)'") == "42\n"
+    assert run("npm --version").strip().split(".")[0].isdigit()
+    assert run("git --version").startswith("git version ")
+    assert run("wget --version").startswith("GNU Wget")
+    assert "unzip" in run("command -v unzip")
+    # Debian's Python is "externally managed" (PEP 668); E2B's base lets `pip install x` work.
+    # Offline, a package that does not exist must fail for that reason, not for the policy.
+    with pytest.raises(CommandExitException) as e:
+        run("pip install --no-index firkin-no-such-package")
+    assert "externally-managed-environment" not in e.value.stderr, e.value.stderr
+    assert "No matching distribution" in e.value.stderr, e.value.stderr
+    # And an install as `user` goes through (offline: a local package, into ~/.local).
+    pkg = uniq("pkg")
+    sbx.files.write(f"{pkg}/setup.py", "from setuptools import setup\nsetup(name='firkinpkg', version='1.0', py_modules=['firkinmod'])\n")
+    sbx.files.write(f"{pkg}/firkinmod.py", "X = 42\n")
+    run(f"pip install --no-index --no-build-isolation {pkg}")
+    assert run("python -c 'import firkinmod; print(firkinmod.X)'") == "42\n"
+    assert "/home/user/.local/" in run("python -c 'import firkinmod; print(firkinmod.__file__)'")
+
+
 def test_background_and_connect(sbx):
     h = sbx.commands.run("echo early; sleep 1; echo late", background=True)
     assert h.pid in [p.pid for p in sbx.commands.list()]

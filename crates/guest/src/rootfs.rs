@@ -38,14 +38,24 @@ pub enum RootfsSource {
     Directory { path: PathBuf },
 }
 
-/// The default template `base`: bookworm with what E2B's base image offers.
+/// The default template `base`: bookworm with what E2B's base image offers and agents call by
+/// name: `python` and `pip` (not only `python3`), `node` and `npm`, git, curl, wget, unzip,
+/// sudo. The list is part of the template's build fingerprint, so changing it rebuilds `base`.
 pub fn base_template() -> RootfsSource {
     RootfsSource::Debian {
         suite: "bookworm".into(),
         packages: [
             "python3",
+            // `python` → python3; agents and E2B's examples run `python`, not `python3`.
+            "python-is-python3",
+            "python3-pip",
+            "python3-venv",
+            "nodejs",
+            "npm",
             "ca-certificates",
             "curl",
+            "wget",
+            "unzip",
             "git",
             "sudo",
             "procps",
@@ -132,6 +142,7 @@ fn source_tree(source: &RootfsSource, scratch: &Path, progress: ProgressFn<'_>) 
             )?;
             finish_tree(&tree)?;
             quicken_login_scripts(&tree)?;
+            let_pip_install(&tree)?;
             tree
         }
         RootfsSource::Oci { archive } => {
@@ -147,7 +158,25 @@ fn source_tree(source: &RootfsSource, scratch: &Path, progress: ProgressFn<'_>) 
 /// Version of what firkin does to a tree on top of its source ([`finish_tree`],
 /// [`quicken_login_scripts`]). Template build fingerprints include it, so that a cached build
 /// made under older rules is rebuilt rather than adopted.
-pub const ROOTFS_RULES_VERSION: u32 = 2;
+pub const ROOTFS_RULES_VERSION: u32 = 3;
+
+/// Debian 12 marks its Python "externally managed" (PEP 668): `pip install x` refuses with
+/// `externally-managed-environment` unless given `--break-system-packages`. E2B's base image
+/// lets `pip install x` work, agents (and E2B's own examples) call it that way, and a sandbox is
+/// a throwaway VM whose system Python nothing else depends on, so the guard protects nothing
+/// here. pip's own configuration switch says so for every user and every venv-less pip (as
+/// `user`, pip then installs into `~/.local`). Only Debian trees we build ourselves get it, and
+/// an existing `/etc/pip.conf` is left alone.
+fn let_pip_install(tree: &Path) -> Result<()> {
+    let path = tree.join("etc/pip.conf");
+    if std::fs::symlink_metadata(&path).is_ok() {
+        return Ok(());
+    }
+    let text = "# firkin: let `pip install` work on Debian's externally managed Python, as it does\n\
+                # in E2B's base image (a sandbox's system Python belongs to its user).\n\
+                [global]\nbreak-system-packages = true\n";
+    std::fs::write(&path, text).map_err(GuestError::io("writing", &path))
+}
 
 /// The E2B SDK runs every command as `bash -l -c CMD`, so a login shell's start-up is paid on
 /// each `commands.run`. Debian's `/etc/profile` forks `id -u` and root's `~/.profile` forks
@@ -423,6 +452,22 @@ mod tests {
             let path = String::from_utf8_lossy(&out.stdout);
             assert_eq!(path.trim() == "/usr/sbin", is_root, "{shell}: {path}");
         }
+    }
+
+    #[test]
+    fn pip_may_install_and_an_existing_config_stays() {
+        let dir = tree_with(&[("etc/hostname", "x\n")]);
+        let_pip_install(dir.path()).unwrap();
+        let conf = std::fs::read_to_string(dir.path().join("etc/pip.conf")).unwrap();
+        assert!(
+            conf.contains("[global]\nbreak-system-packages = true\n"),
+            "{conf}"
+        );
+        let mine = "[global]\nindex-url = http://mirror\n";
+        let dir = tree_with(&[("etc/pip.conf", mine)]);
+        let_pip_install(dir.path()).unwrap();
+        let after = std::fs::read_to_string(dir.path().join("etc/pip.conf")).unwrap();
+        assert_eq!(after, mine);
     }
 
     #[test]

@@ -21,17 +21,23 @@ pub mod list;
 mod sandboxes;
 mod status;
 mod templates;
+pub mod unsupported;
 
 pub(crate) use extract::BodyLimit;
 
 /// Builds the control-plane router.
 pub(crate) fn router(app: Arc<App>) -> Router {
-    let authed = Router::new()
+    let authed = unsupported::add(Router::new())
         .route(
             "/v2/sandboxes",
             post(sandboxes::create).get(sandboxes::list_v2),
         )
-        .route("/sandboxes", get(sandboxes::list_v1))
+        // v1 create takes the same body as v2 (E2B's `NewSandbox`); older clients and Cube's
+        // SDK call it.
+        .route(
+            "/sandboxes",
+            get(sandboxes::list_v1).post(sandboxes::create),
+        )
         .route(
             "/sandboxes/{id}",
             get(sandboxes::get_sandbox).delete(sandboxes::kill),
@@ -44,6 +50,8 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/v2/sandboxes/{id}/connect", post(sandboxes::connect))
         .route("/sandboxes/{id}/metrics", get(sandboxes::metrics))
         .route("/templates", get(templates::list))
+        // One page holds every template, so v2's pagination ends at once (no X-Next-Token).
+        .route("/v2/templates", get(templates::list))
         .route("/firkin/v1/status", get(status::status))
         .route(
             "/firkin/v1/templates",
