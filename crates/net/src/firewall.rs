@@ -1,0 +1,448 @@
+//! nftables rulesets, built as typed JSON (the `nftables` crate) and applied by one
+//! `nft -j -f -` run per change. A run is a single kernel transaction, so a table is replaced
+//! (or a policy swapped) atomically: no packet ever sees half a ruleset.
+//!
+//! Two tables:
+//! - the host's (`inet <host_table>` in the root namespace), shared by every slot: slots may
+//!   not reach the host (input), each other or link-local (forward), and their traffic is
+//!   masqueraded on its way out;
+//! - each slot's (`inet firkin` in the slot namespace): the guest's address is NATed to the
+//!   slot's veth address, the host's connections to that address are DNATed to the guest (the
+//!   sandbox plane's path to guest ports), and the guest's new connections pass the
+//!   always-denied ranges and then the slot's [`EgressPolicy`] chain, which is swapped at run
+//!   time.
+
+use std::borrow::Cow;
+
+use nftables::batch::Batch;
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
+use nftables::schema::{Chain, FlushObject, NfCmd, NfListObject, Nftables, Rule, Table};
+use nftables::stmt::{JumpTarget, Match, NAT, NATFamily, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+
+use crate::config::{EgressPolicy, Ipv4Net, PoolConfig, SlotConfig, Verdict};
+
+/// The slot namespace's table (alone in its namespace, so a fixed name).
+pub const SLOT_TABLE: &str = "firkin";
+const POLICY_CHAIN: &str = "policy";
+
+/// Destinations a guest may never reach, whatever its policy: "this network", loopback,
+/// link-local (cloud metadata lives at 169.254.169.254), multicast and reserved. The pool's own
+/// range (the host's and every slot's veth addresses) is added per slot.
+const ALWAYS_DENIED: &[(u8, u8, u8, u8, u8)] = &[
+    (0, 0, 0, 0, 8),
+    (127, 0, 0, 0, 8),
+    (169, 254, 0, 0, 16),
+    (224, 0, 0, 0, 4),
+    (240, 0, 0, 0, 4),
+];
+
+fn s(v: impl Into<String>) -> Expression<'static> {
+    Expression::String(Cow::Owned(v.into()))
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn ip(field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: "ip".into(),
+            field: field.into(),
+        },
+    )))
+}
+
+fn ct(key: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(nftables::expr::CT {
+        key: key.into(),
+        family: None,
+        dir: None,
+    }))
+}
+
+fn net(n: Ipv4Net) -> Expression<'static> {
+    if n.prefix() == 32 {
+        return s(n.addr().to_string());
+    }
+    Expression::Named(NamedExpression::Prefix(Prefix {
+        addr: Box::new(s(n.network().to_string())),
+        len: u32::from(n.prefix()),
+    }))
+}
+
+fn matches(
+    left: Expression<'static>,
+    op: Operator,
+    right: Expression<'static>,
+) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+fn iif(name: &str) -> Statement<'static> {
+    matches(meta(MetaKey::Iifname), Operator::EQ, s(name))
+}
+
+fn oif(name: &str) -> Statement<'static> {
+    matches(meta(MetaKey::Oifname), Operator::EQ, s(name))
+}
+
+fn established() -> Statement<'static> {
+    matches(
+        ct("state"),
+        Operator::IN,
+        Expression::List(vec![s("established"), s("related")]),
+    )
+}
+
+fn accept() -> Statement<'static> {
+    Statement::Accept(None)
+}
+
+fn drop_() -> Statement<'static> {
+    Statement::Drop(None)
+}
+
+/// Refuse with an ICMP error so a blocked connect fails at once instead of timing out.
+fn reject() -> Statement<'static> {
+    Statement::Reject(None)
+}
+
+struct Builder {
+    table: String,
+    batch: Batch<'static>,
+}
+
+impl Builder {
+    fn new(table: &str) -> Self {
+        Self {
+            table: table.to_owned(),
+            batch: Batch::new(),
+        }
+    }
+
+    fn table(&self) -> Table<'static> {
+        Table {
+            family: NfFamily::INet,
+            name: Cow::Owned(self.table.clone()),
+            handle: None,
+        }
+    }
+
+    /// Add-then-delete makes the delete succeed whether or not the table existed.
+    fn replace_table(&mut self) {
+        self.batch.add(NfListObject::Table(self.table()));
+        self.batch.delete(NfListObject::Table(self.table()));
+        self.batch.add(NfListObject::Table(self.table()));
+    }
+
+    fn chain_def(&self, name: &str) -> Chain<'static> {
+        Chain {
+            family: NfFamily::INet,
+            table: Cow::Owned(self.table.clone()),
+            name: Cow::Owned(name.to_owned()),
+            ..Chain::default()
+        }
+    }
+
+    fn base_chain(
+        &mut self,
+        name: &str,
+        ty: NfChainType,
+        hook: NfHook,
+        prio: i32,
+        policy: NfChainPolicy,
+    ) {
+        let chain = Chain {
+            _type: Some(ty),
+            hook: Some(hook),
+            prio: Some(prio),
+            policy: Some(policy),
+            ..self.chain_def(name)
+        };
+        self.batch.add(NfListObject::Chain(chain));
+    }
+
+    fn rule(&mut self, chain: &str, expr: Vec<Statement<'static>>) {
+        self.batch.add(NfListObject::Rule(Rule {
+            family: NfFamily::INet,
+            table: Cow::Owned(self.table.clone()),
+            chain: Cow::Owned(chain.to_owned()),
+            expr: expr.into(),
+            ..Rule::default()
+        }));
+    }
+
+    fn build(self) -> Nftables<'static> {
+        self.batch.to_nftables()
+    }
+}
+
+/// The host's table for a pool: every slot's host-side veth is `<prefix>h<i>`.
+pub fn host_ruleset(pool: &PoolConfig) -> Nftables<'static> {
+    let slots = format!("{}h*", pool.prefix);
+    let mut b = Builder::new(&pool.host_table);
+    b.replace_table();
+    // Input: a slot may answer what the host started (the proxy's connections to guest
+    // ports), never start anything towards any address of the host.
+    b.base_chain(
+        "input",
+        NfChainType::Filter,
+        NfHook::Input,
+        0,
+        NfChainPolicy::Accept,
+    );
+    b.rule("input", vec![iif(&slots), established(), accept()]);
+    b.rule("input", vec![iif(&slots), reject()]);
+    // Forward: no slot to slot, no link-local, no pool address, no spoofed source.
+    b.base_chain(
+        "forward",
+        NfChainType::Filter,
+        NfHook::Forward,
+        0,
+        NfChainPolicy::Accept,
+    );
+    b.rule(
+        "forward",
+        vec![
+            iif(&slots),
+            matches(ip("saddr"), Operator::NEQ, net(pool.range)),
+            drop_(),
+        ],
+    );
+    b.rule("forward", vec![iif(&slots), oif(&slots), reject()]);
+    for (a, b2, c, d, len) in ALWAYS_DENIED {
+        let n = Ipv4Net::new([*a, *b2, *c, *d].into(), *len);
+        if let Some(n) = n {
+            b.rule(
+                "forward",
+                vec![
+                    iif(&slots),
+                    matches(ip("daddr"), Operator::EQ, net(n)),
+                    reject(),
+                ],
+            );
+        }
+    }
+    b.rule(
+        "forward",
+        vec![
+            iif(&slots),
+            matches(ip("daddr"), Operator::EQ, net(pool.range)),
+            reject(),
+        ],
+    );
+    // Out of the machine with the host's address (a slot's /30 means nothing elsewhere).
+    b.base_chain(
+        "postrouting",
+        NfChainType::NAT,
+        NfHook::Postrouting,
+        100,
+        NfChainPolicy::Accept,
+    );
+    b.rule(
+        "postrouting",
+        vec![
+            matches(ip("saddr"), Operator::EQ, net(pool.range)),
+            matches(meta(MetaKey::Oifname), Operator::NEQ, s(slots.clone())),
+            Statement::Masquerade(None),
+        ],
+    );
+    b.build()
+}
+
+/// Deletes a table whether or not it exists.
+pub fn remove_table(table: &str) -> Nftables<'static> {
+    let mut b = Builder::new(table);
+    b.batch.add(NfListObject::Table(b.table()));
+    b.batch.delete(NfListObject::Table(b.table()));
+    b.build()
+}
+
+fn policy_rules(b: &mut Builder, policy: &EgressPolicy) {
+    // E2B's rule: an allowed destination is allowed even inside a denied range.
+    for n in &policy.allow {
+        b.rule(
+            POLICY_CHAIN,
+            vec![matches(ip("daddr"), Operator::EQ, net(*n)), accept()],
+        );
+    }
+    for n in &policy.deny {
+        b.rule(
+            POLICY_CHAIN,
+            vec![matches(ip("daddr"), Operator::EQ, net(*n)), reject()],
+        );
+    }
+    let last = match policy.default {
+        Verdict::Allow => accept(),
+        Verdict::Deny => reject(),
+    };
+    b.rule(POLICY_CHAIN, vec![last]);
+}
+
+/// The slot namespace's whole table.
+pub fn slot_ruleset(slot: &SlotConfig) -> Nftables<'static> {
+    let guest = slot.guest.guest.to_string();
+    let guest_if = slot.guest_if.as_str();
+    let slot_if = slot.slot_if.as_str();
+    let mut b = Builder::new(SLOT_TABLE);
+    b.replace_table();
+
+    // The sandbox plane's path to any guest TCP port: the host connects to the slot's veth
+    // address, the port unchanged. Nothing of the sandbox listens on the host.
+    b.base_chain(
+        "prerouting",
+        NfChainType::NAT,
+        NfHook::Prerouting,
+        -100,
+        NfChainPolicy::Accept,
+    );
+    b.rule(
+        "prerouting",
+        vec![
+            iif(slot_if),
+            matches(ip("daddr"), Operator::EQ, s(slot.slot_addr.to_string())),
+            matches(meta(MetaKey::L4proto), Operator::EQ, s("tcp")),
+            Statement::DNAT(Some(NAT {
+                addr: Some(s(guest.clone())),
+                family: Some(NATFamily::IP),
+                port: None,
+                flags: None,
+            })),
+        ],
+    );
+    // Every slot's guest has the same address; leaving, it becomes the slot's.
+    b.base_chain(
+        "postrouting",
+        NfChainType::NAT,
+        NfHook::Postrouting,
+        100,
+        NfChainPolicy::Accept,
+    );
+    b.rule(
+        "postrouting",
+        vec![
+            oif(slot_if),
+            matches(ip("saddr"), Operator::EQ, s(guest.clone())),
+            Statement::SNAT(Some(NAT {
+                addr: Some(s(slot.slot_addr.to_string())),
+                family: Some(NATFamily::IP),
+                port: None,
+                flags: None,
+            })),
+        ],
+    );
+    // Nothing in the slot namespace serves the guest (its gateway included) or the host.
+    b.base_chain(
+        "input",
+        NfChainType::Filter,
+        NfHook::Input,
+        0,
+        NfChainPolicy::Drop,
+    );
+    b.rule("input", vec![established(), accept()]);
+    b.rule("input", vec![iif("lo"), accept()]);
+    b.rule("input", vec![iif(guest_if), reject()]);
+
+    b.base_chain(
+        "forward",
+        NfChainType::Filter,
+        NfHook::Forward,
+        0,
+        NfChainPolicy::Drop,
+    );
+    // The slot has no IPv6 routes; a guest's IPv6 goes nowhere.
+    b.rule(
+        "forward",
+        vec![
+            matches(meta(MetaKey::Nfproto), Operator::EQ, s("ipv6")),
+            drop_(),
+        ],
+    );
+    b.rule("forward", vec![established(), accept()]);
+    b.rule(
+        "forward",
+        vec![matches(ct("state"), Operator::IN, s("invalid")), drop_()],
+    );
+    b.rule(
+        "forward",
+        vec![
+            iif(slot_if),
+            oif(guest_if),
+            matches(ct("status"), Operator::IN, s("dnat")),
+            accept(),
+        ],
+    );
+    b.rule(
+        "forward",
+        vec![
+            iif(guest_if),
+            matches(ip("saddr"), Operator::NEQ, s(guest)),
+            drop_(),
+        ],
+    );
+    let mut denied: Vec<Ipv4Net> = ALWAYS_DENIED
+        .iter()
+        .filter_map(|(a, b2, c, d, len)| Ipv4Net::new([*a, *b2, *c, *d].into(), *len))
+        .collect();
+    denied.push(slot.range);
+    for n in denied {
+        b.rule(
+            "forward",
+            vec![
+                iif(guest_if),
+                matches(ip("daddr"), Operator::EQ, net(n)),
+                reject(),
+            ],
+        );
+    }
+    b.batch.add(NfListObject::Chain(b.chain_def(POLICY_CHAIN)));
+    b.rule(
+        "forward",
+        vec![
+            iif(guest_if),
+            oif(slot_if),
+            Statement::Jump(JumpTarget {
+                target: POLICY_CHAIN.into(),
+            }),
+        ],
+    );
+    policy_rules(&mut b, &slot.policy);
+    b.build()
+}
+
+/// Swaps a slot's policy chain in one transaction: connections already established keep
+/// going (the forward chain accepts them before the policy), new ones see the new policy.
+pub fn policy_update(policy: &EgressPolicy) -> Nftables<'static> {
+    let mut b = Builder::new(SLOT_TABLE);
+    b.batch
+        .add_cmd(NfCmd::Flush(FlushObject::Chain(b.chain_def(POLICY_CHAIN))));
+    policy_rules(&mut b, policy);
+    b.build()
+}
+
+/// Runs `nft -j -f -` with `ruleset` in the calling thread's namespace.
+pub fn apply(ruleset: &Nftables<'_>) -> Result<(), nftables::helper::NftablesError> {
+    nftables::helper::apply_ruleset(ruleset)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn rulesets_serialise_to_the_json_nft_reads() {
+        let pool = PoolConfig::default();
+        let slot = pool.slot(3).unwrap();
+        let json = serde_json::to_string(&slot_ruleset(&slot)).unwrap();
+        assert!(
+            json.contains(r#""dnat":{"addr":"10.0.2.15","family":"ip"}"#),
+            "{json}"
+        );
+        assert!(json.contains(r#""right":{"prefix":{"addr":"169.254.0.0","len":16}}"#));
+        let host = serde_json::to_string(&host_ruleset(&pool)).unwrap();
+        assert!(host.contains(r#""right":"fkh*""#), "{host}");
+    }
+}

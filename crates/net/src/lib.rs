@@ -1,0 +1,22 @@
+//! Network slots: one network namespace per sandbox, holding the TAP its QEMU uses (the guest
+//! keeps its template address, the same in every slot), a veth pair to the host with a unique
+//! /30, NAT both ways and nftables isolation (no host, no other slot, no link-local; an egress
+//! policy swapped at run time), prepared ahead in a [`SlotPool`].
+//!
+//! Not yet wired into the runtime (issue 12, item 1).
+
+pub mod config;
+pub mod error;
+mod firewall;
+mod host;
+pub mod links;
+pub mod netns;
+mod pool;
+mod slot;
+mod sys;
+
+pub use config::{EgressPolicy, GuestDevice, GuestNet, Ipv4Net, PoolConfig, SlotConfig, Verdict};
+pub use error::{Cause, NetError, Step};
+pub use host::HostNet;
+pub use pool::SlotPool;
+pub use slot::Slot;

@@ -1,0 +1,224 @@
+//! Slots prepared ahead: a create takes a ready slot in O(1) and never waits for netlink or
+//! nftables; a background task refills the pool one slot at a time, up to `ready` waiting and
+//! `max` in existence.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::config::PoolConfig;
+use crate::error::NetError;
+use crate::host::HostNet;
+use crate::slot::Slot;
+
+#[derive(Debug)]
+struct State {
+    ready: VecDeque<Slot>,
+    /// Indices handed back, reused first so names and /30s stay dense.
+    free: Vec<u32>,
+    /// The next never-used index.
+    next: u32,
+    /// Slots that exist or are being built (ready + handed out + creating).
+    live: usize,
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: PoolConfig,
+    state: Mutex<State>,
+    wake: Notify,
+    /// Woken whenever a slot becomes ready (tests and warm-up wait on it).
+    ready: Notify,
+}
+
+impl Inner {
+    // The lock is never held across an await, so a panic elsewhere cannot leave it
+    // half-updated; a poisoned lock is taken over as it is.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A pool of prepared slots. [`SlotPool::shutdown`] destroys what it still holds.
+#[derive(Debug, Clone)]
+pub struct SlotPool {
+    inner: Arc<Inner>,
+    host: HostNet,
+}
+
+/// How long the refill waits after a failed create before trying again: a failing host
+/// (no CAP_NET_ADMIN, no `nft`) must not spin.
+const RETRY: Duration = Duration::from_secs(2);
+
+impl SlotPool {
+    /// Sets up the host side and starts filling the pool in the background.
+    pub fn start(config: PoolConfig) -> Result<Self, NetError> {
+        let host = HostNet::ensure(&config)?;
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                ready: VecDeque::with_capacity(config.ready),
+                free: Vec::new(),
+                next: 0,
+                live: 0,
+                closed: false,
+            }),
+            config,
+            wake: Notify::new(),
+            ready: Notify::new(),
+        });
+        tokio::spawn(refill(Arc::clone(&inner)));
+        Ok(Self { inner, host })
+    }
+
+    /// A ready slot, if one is; never waits.
+    pub fn take(&self) -> Option<Slot> {
+        let slot = self.inner.lock().ready.pop_front();
+        self.inner.wake.notify_one();
+        slot
+    }
+
+    /// How many slots are ready.
+    pub fn ready(&self) -> usize {
+        self.inner.lock().ready.len()
+    }
+
+    /// Waits until at least `n` slots are ready, or `timeout` passes; returns whether they are.
+    pub async fn wait_ready(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let waiting = self.inner.ready.notified();
+            if self.ready() >= n {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, waiting).await.is_err() {
+                return self.ready() >= n;
+            }
+        }
+    }
+
+    /// Destroys a slot that was handed out and frees its index for a fresh one. A used slot is
+    /// never handed out again: its conntrack entries and policy belong to its sandbox.
+    pub async fn release(&self, slot: Slot) -> Result<(), NetError> {
+        let index = slot.config().index;
+        let done = slot.destroy().await;
+        {
+            let mut st = self.inner.lock();
+            st.live = st.live.saturating_sub(1);
+            st.free.push(index);
+        }
+        self.inner.wake.notify_one();
+        done
+    }
+
+    /// Stops the refill and destroys every ready slot; the host table goes too once no slot of
+    /// the pool is left.
+    pub async fn shutdown(&self) -> Result<(), NetError> {
+        let drained: Vec<Slot> = {
+            let mut st = self.inner.lock();
+            st.closed = true;
+            st.ready.drain(..).collect()
+        };
+        self.inner.wake.notify_one();
+        let mut first = None;
+        for slot in drained {
+            let r = slot.destroy().await;
+            let mut st = self.inner.lock();
+            st.live = st.live.saturating_sub(1);
+            drop(st);
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        if self.inner.lock().live == 0
+            && let Err(e) = self.host.remove()
+        {
+            first.get_or_insert(e);
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// What the refill should do next.
+enum Next {
+    Build(u32),
+    Wait,
+    Stop,
+}
+
+fn next(inner: &Inner) -> Next {
+    let mut st = inner.lock();
+    if st.closed {
+        return Next::Stop;
+    }
+    let creating_allowed = st.live < inner.config.max;
+    // `live` counts handed-out slots too; only the ready ones count against `ready`.
+    if st.ready.len() >= inner.config.ready || !creating_allowed {
+        return Next::Wait;
+    }
+    let index = match st.free.pop() {
+        Some(i) => i,
+        None => {
+            let i = st.next;
+            st.next += 1;
+            i
+        }
+    };
+    st.live += 1;
+    Next::Build(index)
+}
+
+async fn refill(inner: Arc<Inner>) {
+    loop {
+        match next(&inner) {
+            Next::Stop => return,
+            Next::Wait => inner.wake.notified().await,
+            Next::Build(index) => {
+                let made = match inner.config.slot(index) {
+                    Some(config) => Slot::create(config).await,
+                    None => Err(NetError::new(
+                        format!("{}-{index}", inner.config.prefix),
+                        crate::error::Step::Config,
+                        crate::error::Cause::Other("the pool's range has no room for it".into()),
+                    )),
+                };
+                match made {
+                    Ok(slot) => {
+                        // Shutdown may have drained while this one was built: then it is
+                        // destroyed here rather than left behind.
+                        let late = {
+                            let mut st = inner.lock();
+                            if st.closed {
+                                st.live = st.live.saturating_sub(1);
+                                Some(slot)
+                            } else {
+                                st.ready.push_back(slot);
+                                None
+                            }
+                        };
+                        match late {
+                            Some(slot) => {
+                                if let Err(e) = slot.destroy().await {
+                                    tracing::warn!(error = %e, "destroying a slot built during shutdown");
+                                }
+                                return;
+                            }
+                            None => inner.ready.notify_waiters(),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "preparing a network slot");
+                        {
+                            let mut st = inner.lock();
+                            st.live = st.live.saturating_sub(1);
+                            st.free.push(index);
+                        }
+                        tokio::time::sleep(RETRY).await;
+                    }
+                }
+            }
+        }
+    }
+}

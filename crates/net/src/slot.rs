@@ -1,0 +1,233 @@
+//! One network slot: create (undoing any leftovers of the same name first) and destroy
+//! (best effort through every step, so a partial create leaves nothing behind).
+
+use rtnetlink::Handle;
+
+use crate::config::{EgressPolicy, GuestDevice, SlotConfig};
+use crate::error::{At, Cause, NetError, Step};
+use crate::{firewall, links, netns, sys};
+
+/// The guest stand-in's interface name inside its namespace.
+const STAND_IN_IF: &str = "eth0";
+
+/// A prepared slot. Dropping one that was not [`Slot::destroy`]ed destroys it on a helper
+/// thread, so an early return or a panic leaks no namespace, link or rule.
+#[derive(Debug)]
+pub struct Slot {
+    config: SlotConfig,
+    live: bool,
+}
+
+impl Slot {
+    /// Builds the slot `config` describes. Anything left under its names (a crash, an
+    /// interrupted create) is removed first; if a step fails, everything done so far is.
+    pub async fn create(config: SlotConfig) -> Result<Self, NetError> {
+        teardown(&config).await?;
+        match build(&config).await {
+            Ok(()) => Ok(Self { config, live: true }),
+            Err(e) => {
+                if let Err(undo) = teardown(&config).await {
+                    tracing::warn!(error = %undo, "undoing a failed slot create");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub fn config(&self) -> &SlotConfig {
+        &self.config
+    }
+
+    /// The namespace a QEMU for this slot must be started in.
+    pub fn netns(&self) -> &str {
+        &self.config.netns
+    }
+
+    /// Replaces the guest's egress policy; new connections see it at once.
+    pub async fn set_policy(&mut self, policy: EgressPolicy) -> Result<(), NetError> {
+        let ruleset = firewall::policy_update(&policy);
+        netns::run_in_async(&self.config.netns, move || firewall::apply(&ruleset))
+            .await
+            .at(&self.config.netns, Step::Policy)?
+            .at(&self.config.netns, Step::Policy)?;
+        self.config.policy = policy;
+        Ok(())
+    }
+
+    /// Removes everything of the slot; safe to call on a half-built one.
+    pub async fn destroy(mut self) -> Result<(), NetError> {
+        self.live = false;
+        teardown(&self.config).await
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.live {
+            return;
+        }
+        let config = self.config.clone();
+        // Drop cannot await; a thread with its own runtime can, without touching the
+        // caller's runtime (which may be shutting down).
+        let done = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(teardown(&config))
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        })
+        .join();
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(slot = %self.config.netns, error = %e, "destroying a dropped slot")
+            }
+            Err(_) => {
+                tracing::warn!(slot = %self.config.netns, "destroying a dropped slot panicked")
+            }
+        }
+    }
+}
+
+async fn build(c: &SlotConfig) -> Result<(), NetError> {
+    let ns = c.netns.as_str();
+    let name = ns.to_owned();
+    tokio::task::spawn_blocking(move || netns::create(&name))
+        .await
+        .map_err(|e| Cause::Other(e.to_string()))
+        .at(ns, Step::CreateNamespace)?
+        .at(ns, Step::CreateNamespace)?;
+
+    let root = links::connect(None).await.at(ns, Step::EnterNamespace)?;
+    // The peer's name only has to be unique in the root namespace until it moves.
+    let peer = format!("{}p", c.host_if);
+    links::add_veth(&root, &c.host_if, &peer)
+        .await
+        .at(ns, Step::CreateVeth)?;
+    links::move_to(&root, &peer, ns)
+        .await
+        .at(ns, Step::MoveIntoNamespace)?;
+    links::address(&root, &c.host_if, c.host_addr, 30)
+        .await
+        .at(ns, Step::Address)?;
+    links::up(&root, &c.host_if).await.at(ns, Step::LinkUp)?;
+
+    let inner = links::connect(Some(ns))
+        .await
+        .at(ns, Step::EnterNamespace)?;
+    links::rename(&inner, &peer, &c.slot_if)
+        .await
+        .at(ns, Step::MoveIntoNamespace)?;
+    links::address(&inner, &c.slot_if, c.slot_addr, 30)
+        .await
+        .at(ns, Step::Address)?;
+    links::up(&inner, &c.slot_if).await.at(ns, Step::LinkUp)?;
+    links::up(&inner, "lo").await.at(ns, Step::LinkUp)?;
+
+    match &c.device {
+        GuestDevice::Tap => {
+            let tap = c.guest_if.clone();
+            netns::run_in_async(ns, move || sys::create_persistent_tap(&tap))
+                .await
+                .at(ns, Step::CreateTap)?
+                .at(ns, Step::CreateTap)?;
+        }
+        GuestDevice::VethInto { netns: guest_ns } => {
+            stand_in(c, &inner, guest_ns).await?;
+        }
+    }
+    links::address(&inner, &c.guest_if, c.guest.gateway, c.guest.prefix)
+        .await
+        .at(ns, Step::Address)?;
+    links::up(&inner, &c.guest_if).await.at(ns, Step::LinkUp)?;
+    links::default_route(&inner, c.host_addr)
+        .await
+        .at(ns, Step::Route)?;
+
+    netns::run_in_async(ns, || netns::write_sysctl("net.ipv4.ip_forward", "1"))
+        .await
+        .at(ns, Step::Sysctl)?
+        .at(ns, Step::Sysctl)?;
+    let ruleset = firewall::slot_ruleset(c);
+    netns::run_in_async(ns, move || firewall::apply(&ruleset))
+        .await
+        .at(ns, Step::Firewall)?
+        .at(ns, Step::Firewall)?;
+    Ok(())
+}
+
+/// The guest's side as a veth into `guest_ns`, configured as `firkin-init` configures a guest.
+async fn stand_in(c: &SlotConfig, inner: &Handle, guest_ns: &str) -> Result<(), NetError> {
+    let ns = c.netns.as_str();
+    let peer = format!("{}g", c.host_if);
+    links::add_veth(inner, &c.guest_if, &peer)
+        .await
+        .at(ns, Step::GuestStandIn)?;
+    links::move_to(inner, &peer, guest_ns)
+        .await
+        .at(ns, Step::GuestStandIn)?;
+    let guest = links::connect(Some(guest_ns))
+        .await
+        .at(ns, Step::GuestStandIn)?;
+    links::rename(&guest, &peer, STAND_IN_IF)
+        .await
+        .at(ns, Step::GuestStandIn)?;
+    links::address(&guest, STAND_IN_IF, c.guest.guest, c.guest.prefix)
+        .await
+        .at(ns, Step::GuestStandIn)?;
+    links::up(&guest, STAND_IN_IF)
+        .await
+        .at(ns, Step::GuestStandIn)?;
+    links::up(&guest, "lo").await.at(ns, Step::GuestStandIn)?;
+    links::default_route(&guest, c.guest.gateway)
+        .await
+        .at(ns, Step::GuestStandIn)?;
+    Ok(())
+}
+
+/// Removes the host veth (its peer goes with it) and the namespace (and with it the TAP and the
+/// slot's table). Every step runs even if an earlier one failed; the first error is returned.
+async fn teardown(c: &SlotConfig) -> Result<(), NetError> {
+    let ns = c.netns.as_str();
+    let mut first: Option<NetError> = None;
+    let mut keep = |r: Result<(), NetError>| {
+        if let Err(e) = r {
+            first.get_or_insert(e);
+        }
+    };
+    match links::connect(None).await {
+        Ok(root) => {
+            keep(links::delete(&root, &c.host_if).await.at(ns, Step::Destroy));
+            // An interrupted create may have left the peer in the root namespace.
+            keep(
+                links::delete(&root, &format!("{}p", c.host_if))
+                    .await
+                    .at(ns, Step::Destroy),
+            );
+        }
+        Err(e) => keep(Err(e).at(ns, Step::Destroy)),
+    }
+    if netns::exists(ns) {
+        // A TAP is deleted explicitly in case a process still holds the namespace open.
+        match links::connect(Some(ns)).await {
+            Ok(inner) => keep(
+                links::delete(&inner, &c.guest_if)
+                    .await
+                    .at(ns, Step::Destroy),
+            ),
+            Err(e) => keep(Err(e).at(ns, Step::Destroy)),
+        }
+    }
+    let name = ns.to_owned();
+    keep(
+        tokio::task::spawn_blocking(move || netns::delete(&name))
+            .await
+            .map_err(|e| Cause::Other(e.to_string()))
+            .and_then(|r| r.map_err(Cause::Io))
+            .at(ns, Step::Destroy),
+    );
+    match first {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
