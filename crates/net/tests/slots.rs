@@ -282,3 +282,25 @@ async fn the_pool_keeps_slots_ready_and_leaves_nothing() {
     }
     assert!(!nft_table_exists("firkin-test-pool"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_that_fails_half_way_leaves_nothing_and_names_its_step() {
+    let _serial = LOCK.lock().await;
+    if !privileged() {
+        return;
+    }
+    let mut clean = Cleanup::new();
+    clean.namespaces.push("fkz-0".into());
+    clean.links.push("fkzh0".into());
+    clean.links.push("fkzh0p".into());
+    let mut cfg = test_pool("fkz", "198.18.252.0/24", "firkin-test-fail")
+        .slot(0)
+        .unwrap();
+    // Longer than IFNAMSIZ: the namespace and the veth exist by the time the TAP fails.
+    cfg.guest_if = "a-name-too-long-for-linux".into();
+    let err = Slot::create(cfg).await.unwrap_err();
+    assert_eq!(err.step, firkin_net::Step::CreateTap, "{err}");
+    assert_eq!(err.slot, "fkz-0");
+    assert!(!netns::exists("fkz-0"));
+    assert_eq!(root_links_named("fkzh").await, Vec::<String>::new());
+}

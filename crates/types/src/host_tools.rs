@@ -88,6 +88,15 @@ pub const HOST_TOOLS: &[HostTool] = &[
         needed_for: ToolUse::Templates,
         env_override: None,
     },
+    // firkin-net's firewall (`nft -j -f -`, once per slot preparation or policy change). Only
+    // its tests use it until the runtime takes network slots (issue 12); then: Sandboxes.
+    HostTool {
+        binary: "nft",
+        package: "nftables",
+        version_args: &["--version"],
+        needed_for: ToolUse::Tests,
+        env_override: None,
+    },
     HostTool {
         binary: "busybox",
         package: "busybox-static",
