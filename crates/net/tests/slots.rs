@@ -140,7 +140,9 @@ async fn a_guest_reaches_the_internet_and_nothing_of_the_host_or_other_slots() {
         netns: "fkx-gb".into(),
     };
     let slot_b_addr = cfg_b.slot_addr;
+    let started = std::time::Instant::now();
     let mut a = Slot::create(cfg_a.clone()).await.unwrap();
+    eprintln!("one slot created in {:?}", started.elapsed());
     let b = Slot::create(cfg_b).await.unwrap();
     build_internet(&["fkxh0", "fkxh1"]).await;
 
