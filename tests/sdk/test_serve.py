@@ -664,6 +664,124 @@ def test_pause_list_connect_resumes_with_files_intact(server):
         Sandbox.kill(sid)
 
 
+# ---------------------------------------------------------------- any guest port
+
+
+def serve_http(sbx, port: int) -> str:
+    """Starts `python3 -m http.server` on `port` in the sandbox; returns a file name its
+    directory listing shows. The server is stopped with the sandbox (on the process backend
+    it is a host process: `stop_http` it)."""
+    marker = f"firkin-port-{secrets.token_hex(4)}.txt"
+    www = uniq("www")
+    sbx.commands.run(f"mkdir -p {www} && echo hi > {www}/{marker}")
+    sbx.commands.run(f"cd {www} && exec python3 -m http.server {port}", background=True, timeout=0)
+    # Listening (checked from inside: the proxy must not be what waits).
+    sbx.commands.run(
+        f"for i in $(seq 300); do (echo > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && exit 0; "
+        "sleep 0.1; done; exit 1",
+        timeout=60,
+    )
+    return marker
+
+
+def stop_http(sbx, port: int) -> None:
+    # The bracket keeps pkill from matching the shell that runs it.
+    sbx.commands.run(f"pkill -f 'http[.]server {port}' || true")
+
+
+def port_headers(sbx, port: int, **extra) -> dict:
+    return {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": str(port), **extra}
+
+
+def test_any_guest_port_by_header_host_and_get_host(server, sbx):
+    marker = serve_http(sbx, 8000)
+    r = httpx.get(server.url + "/", headers=port_headers(sbx, 8000), timeout=60)
+    assert r.status_code == 200 and marker in r.text, (r.status_code, r.text[:300])
+
+    host = sbx.get_host(8000)
+    assert host.startswith(f"8000-{sbx.sandbox_id}."), host
+    r = httpx.get(server.url + "/", headers={"Host": host}, timeout=60)
+    assert r.status_code == 200 and marker in r.text, (r.status_code, r.text[:300])
+
+    # Several first requests for one port at once: one forward, every request answered. Four,
+    # within http.server's listen backlog of 5: SYNs beyond it are dropped by the guest, and
+    # slirp retries them with a backoff that outlasts the timeout under TCG.
+    marker2 = serve_http(sbx, 8001)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        rs = list(pool.map(
+            lambda _: httpx.get(server.url + "/", headers=port_headers(sbx, 8001), timeout=60),
+            range(4),
+        ))
+    assert all(r.status_code == 200 and marker2 in r.text for r in rs), [r.status_code for r in rs]
+
+    # Nothing listens: E2B's 502, quickly.
+    started = time.monotonic()
+    r = httpx.get(server.url + "/", headers=port_headers(sbx, 8999), timeout=60)
+    assert r.status_code == 502, (r.status_code, r.text)
+    body = r.json()
+    assert body["code"] == 502 and "port is not open" in body["message"], body
+    assert body["sandboxId"] == sbx.sandbox_id and body["port"] == 8999, body
+    assert time.monotonic() - started < 10
+    # The SDK's own check of a port agrees.
+    assert sbx.commands.run("echo still-fine").stdout == "still-fine\n"
+
+    if BACKEND == "qemu":
+        # A resumed sandbox is a new QEMU: its forwards come back on demand, and the server
+        # (kept in RAM across the pause) answers again.
+        assert sbx.pause() is True
+        r = httpx.get(server.url + "/", headers=port_headers(sbx, 8000), timeout=120)
+        assert r.status_code == 502, (r.status_code, r.text)  # paused, not auto-resumed
+        Sandbox.connect(sbx.sandbox_id)
+        r = httpx.get(server.url + "/", headers=port_headers(sbx, 8000), timeout=60)
+        assert r.status_code == 200 and marker in r.text, (r.status_code, r.text[:300])
+    stop_http(sbx, 8000)
+    stop_http(sbx, 8001)
+
+
+@pytest.mark.skipif(BACKEND != "qemu", reason="the process backend's ports are host ports")
+def test_forwards_per_sandbox_are_bounded(sbx):
+    # Each forward is a listening socket in the sandbox's QEMU: 64 of them, then a clear error.
+    with httpx.Client(timeout=60) as c:
+        for port in range(9000, 9064):
+            r = c.get(sbx_url(sbx), headers=port_headers(sbx, port))
+            assert r.status_code == 502 and "port is not open" in r.json()["message"], r.text
+        r = c.get(sbx_url(sbx), headers=port_headers(sbx, 9064))
+    assert r.status_code == 502 and "already forwards 64 ports" in r.json()["message"], r.text
+    # Ports forwarded already keep working.
+    marker = serve_http(sbx, 9001)
+    r = httpx.get(sbx_url(sbx), headers=port_headers(sbx, 9001), timeout=60)
+    assert r.status_code == 200 and marker in r.text, (r.status_code, r.text[:300])
+    stop_http(sbx, 9001)
+
+
+def sbx_url(sbx) -> str:
+    return os.environ["E2B_SANDBOX_URL"] + "/"
+
+
+def test_private_traffic_needs_the_traffic_token(server):
+    s = Sandbox.create(timeout=300, network={"allow_public_traffic": False})
+    try:
+        token = s.traffic_access_token
+        assert isinstance(token, str) and len(token) >= 20, token
+        marker = serve_http(s, 8000)
+        r = httpx.get(server.url + "/", headers=port_headers(s, 8000), timeout=60)
+        assert r.status_code == 403, (r.status_code, r.text)
+        assert r.json()["code"] == 403 and r.json()["message"], r.text
+        r = httpx.get(server.url + "/", headers=port_headers(s, 8000, **{"e2b-traffic-access-token": "x" + token}), timeout=60)
+        assert r.status_code == 403, (r.status_code, r.text)
+        r = httpx.get(server.url + "/", headers={"Host": s.get_host(8000)}, timeout=60)
+        assert r.status_code == 403, (r.status_code, r.text)
+        r = httpx.get(server.url + "/", headers=port_headers(s, 8000, **{"e2b-traffic-access-token": token}), timeout=60)
+        assert r.status_code == 200 and marker in r.text, (r.status_code, r.text[:300])
+        # envd keeps its own token rule: the SDK needs no traffic token.
+        assert s.commands.run("echo envd").stdout == "envd\n"
+        # Connect returns the same token, as E2B does.
+        assert Sandbox.connect(s.sandbox_id).traffic_access_token == token
+        stop_http(s, 8000)
+    finally:
+        s.kill()
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -49,6 +49,14 @@ pub trait SandboxSession: Send + Sync + 'static {
     /// Loopback address forwarded to `guest_port`, if that port is forwarded.
     fn port_addr(&self, guest_port: u16) -> Option<SocketAddr>;
 
+    /// Makes `guest_port` reachable from the host if it is not yet (a forward added while the
+    /// sandbox runs) and returns its loopback address; `None` if this backend cannot reach that
+    /// port. Concurrent calls for one port add at most one forward. Whether anything listens
+    /// on the port is for the caller's connection to find out.
+    async fn open_port(&self, guest_port: u16) -> Result<Option<SocketAddr>, Self::Error> {
+        Ok(self.port_addr(guest_port))
+    }
+
     /// Host pid of the VMM process, if there is one.
     fn pid(&self) -> Option<u32>;
 

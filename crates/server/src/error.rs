@@ -28,6 +28,8 @@ pub fn from_runtime(err: &RuntimeError) -> ApiError {
         RuntimeError::Integrity { .. } => ApiError::internal(format!(
             "{message}; the snapshot on disk is damaged or was changed (rebuild the template)"
         )),
+        // The sandbox runs, but the port could not be forwarded (its limit, most likely).
+        RuntimeError::Port { .. } => ApiError::new(StatusCode::BAD_GATEWAY, message),
         RuntimeError::Launch(_)
         | RuntimeError::Init(_)
         | RuntimeError::Pause { .. }

@@ -34,6 +34,12 @@ pub trait Orchestrator: Send + Sync + 'static {
     async fn kill(&self, id: &SandboxId) -> Result<(), RuntimeError>;
     async fn pause(&self, id: &SandboxId, dir: &Path) -> Result<PausedSandbox, RuntimeError>;
     fn route(&self, id: &SandboxId, guest_port: u16) -> Option<SocketAddr>;
+    /// [`Orchestrator::route`], forwarding the port first if the sandbox does not yet.
+    async fn open_port(
+        &self,
+        id: &SandboxId,
+        guest_port: u16,
+    ) -> Result<Option<SocketAddr>, RuntimeError>;
     fn is_running(&self, id: &SandboxId) -> bool;
     fn running_ids(&self) -> Vec<SandboxId>;
     fn pid(&self, id: &SandboxId) -> Option<u32>;
@@ -74,6 +80,14 @@ where
 
     fn route(&self, id: &SandboxId, guest_port: u16) -> Option<SocketAddr> {
         SandboxRuntime::route(self, id, guest_port)
+    }
+
+    async fn open_port(
+        &self,
+        id: &SandboxId,
+        guest_port: u16,
+    ) -> Result<Option<SocketAddr>, RuntimeError> {
+        SandboxRuntime::open_port(self, id, guest_port).await
     }
 
     fn is_running(&self, id: &SandboxId) -> bool {

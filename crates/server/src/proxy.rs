@@ -31,6 +31,8 @@ pub enum Target {
 
 const SANDBOX_ID: &str = "e2b-sandbox-id";
 const SANDBOX_PORT: &str = "e2b-sandbox-port";
+/// What a request to a private sandbox's ports (not envd's) must carry.
+const TRAFFIC_TOKEN: &str = "e2b-traffic-access-token";
 
 /// Picks the target of a request. A `{port}-{id}.{domain}` host routes by itself (when a
 /// domain is configured, only under that domain); otherwise the `E2b-Sandbox-*` headers do,
@@ -132,14 +134,77 @@ async fn proxy(app: &Arc<App>, req: Request, raw_id: &str, port: u16) -> Respons
     let Ok(id) = SandboxId::new(raw_id) else {
         return sandbox_plane_not_found(raw_id, None);
     };
-    let addr = match app.rt.route(&id, port) {
-        Some(addr) => addr,
-        None => match route_slow(app, &id, port).await {
+    // envd checks its own access token; every other port is the sandbox's public face, which
+    // `allowPublicTraffic: false` closes to requests without the traffic token.
+    if port != ENVD_PORT
+        && let Some(resp) = refuse_without_traffic_token(app, &id, req.headers())
+    {
+        return resp;
+    }
+    let addr = match open_port(app, &id, port).await {
+        Ok(Some(addr)) => addr,
+        Ok(None) => match route_slow(app, &id, port).await {
             Ok(addr) => addr,
             Err(resp) => return resp,
         },
+        Err(resp) => return resp,
     };
     forward(app, req, addr, &id, port).await
+}
+
+/// The port's loopback address, forwarded on this first request for it if need be; `None`
+/// when the sandbox is not running right now.
+async fn open_port(
+    app: &Arc<App>,
+    id: &SandboxId,
+    port: u16,
+) -> Result<Option<SocketAddr>, Response> {
+    if let Some(addr) = app.rt.route(id, port) {
+        return Ok(Some(addr));
+    }
+    match app.rt.open_port(id, port).await {
+        Ok(addr) => Ok(addr),
+        // Stopped or paused under the request: the slow path finds out which.
+        Err(_) if !app.rt.is_running(id) => Ok(None),
+        Err(err) => {
+            tracing::warn!(sandbox = %id, port, %err, "forwarding a sandbox port failed");
+            Err(crate::error::from_runtime(&err).into_response())
+        }
+    }
+}
+
+/// The refusal of a request to a private sandbox without its traffic token, if it is one. A
+/// sandbox the store does not know passes: the route that follows answers "not found" for it.
+fn refuse_without_traffic_token(
+    app: &App,
+    id: &SandboxId,
+    headers: &HeaderMap,
+) -> Option<Response> {
+    let record = match app.store.sandbox(id) {
+        Ok(r) => r,
+        Err(err) => return Some(crate::app::store_err(err).into_response()),
+    };
+    let want = record.and_then(|r| r.traffic_access_token)?;
+    let given = headers.get(TRAFFIC_TOKEN).map(HeaderValue::as_bytes);
+    // Hashes compared, so the comparison's time says nothing about the token's prefix.
+    let matches = given.is_some_and(|g| {
+        use sha2::Digest;
+        sha2::Sha256::digest(g) == sha2::Sha256::digest(want.as_bytes())
+    });
+    if matches {
+        None
+    } else {
+        Some(
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "sandbox {id} does not allow public traffic: the request needs header \
+                 {TRAFFIC_TOKEN} with the sandbox's traffic access token"
+                ),
+            )
+            .into_response(),
+        )
+    }
 }
 
 /// The sandbox has no route right now: it is paused (resume it if it asked for that), being
@@ -161,9 +226,40 @@ async fn route_slow(app: &Arc<App>, id: &SandboxId, port: u16) -> Result<SocketA
         }
         Err(e) => return Err(e.into_response()),
     }
-    app.rt
-        .route(id, port)
-        .ok_or_else(|| sandbox_plane_port_closed(id.as_str(), port))
+    match open_port(app, id, port).await? {
+        Some(addr) => Ok(addr),
+        None => Err(sandbox_plane_not_found(id.as_str(), None)),
+    }
+}
+
+/// Whether a failed upstream request means nothing listens on the port. slirp accepts a
+/// forwarded connection on the host before it connects to the guest, and closes it when the
+/// guest refuses, so a closed guest port shows as a connection that ends before any response
+/// rather than as a refused connect (which is what a host port shows). Depending on when the
+/// close lands, hyper reports it as an incomplete message, a canceled request or a reset.
+fn port_closed(err: &hyper_util::client::legacy::Error) -> bool {
+    if err.is_connect() {
+        return true;
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        // Closed before the request was written (canceled) or before any response came.
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_incomplete_message() || h.is_canceled())
+        {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+            )
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1). Never forwarded.
@@ -246,7 +342,7 @@ async fn forward(
     let resp = match app.client.request(upstream).await {
         Ok(r) => r,
         Err(err) => {
-            if err.is_connect() {
+            if port_closed(&err) {
                 tracing::debug!(sandbox = %id, port, %err, "sandbox port refused the connection");
                 return sandbox_plane_port_closed(id.as_str(), port);
             }

@@ -23,6 +23,7 @@ fn sandbox(id: &str, state: RecordState) -> SandboxRecord {
         metadata: BTreeMap::from([("k".to_owned(), "v w".to_owned())]),
         env_vars: BTreeMap::from([("A".to_owned(), "1".to_owned())]),
         access_token: "tok".into(),
+        traffic_access_token: None,
         timeout_secs: 300,
         auto_pause: true,
         auto_resume: false,
@@ -164,6 +165,20 @@ fn reopening_is_idempotent_and_keeps_data() {
     let store = Store::open(&db).unwrap();
     assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
     assert_eq!(store.sandboxes().unwrap().len(), 1);
+}
+
+#[test]
+fn a_traffic_token_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("firkin.db");
+    let private = SandboxRecord {
+        traffic_access_token: Some("traffic".into()),
+        ..sandbox("private", RecordState::Running)
+    };
+    Store::open(&db).unwrap().insert_sandbox(&private).unwrap();
+    let store = Store::open(&db).unwrap();
+    let got = store.sandbox(&private.sandbox_id).unwrap().unwrap();
+    assert_eq!(got.traffic_access_token.as_deref(), Some("traffic"));
 }
 
 const CRASH_DB: &str = "FIRKIN_TEST_CRASH_DB";

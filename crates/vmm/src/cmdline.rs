@@ -14,6 +14,8 @@ use crate::error::{Result, VmmError};
 
 /// QEMU's seccomp sandbox: no obsolete syscalls, no setuid, no fork/exec, no cgroup changes.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+/// The id of the guest's user-mode (slirp) network; forwards added at run time name it.
+pub const NETDEV: &str = "net0";
 /// fd number at which QEMU finds its end of the QMP socketpair.
 pub const QMP_FD: i32 = 3;
 /// fd number at which a restoring QEMU finds the device-state file.
@@ -241,14 +243,14 @@ pub fn qemu_args(m: &MachineConfig, l: &Launch) -> Result<Vec<OsString>> {
         push(&["-device", "virtio-blk-device,drive=disk0"]);
     }
 
-    let mut netdev = "user,id=net0".to_string();
+    let mut netdev = format!("user,id={NETDEV}");
     for (host, guest) in &l.forwards {
         netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
     }
     push(&["-netdev", &netdev]);
     push(&[
         "-device",
-        &format!("virtio-net-device,netdev=net0,mac={}", m.mac),
+        &format!("virtio-net-device,netdev={NETDEV},mac={}", m.mac),
     ]);
 
     if m.rng {

@@ -65,6 +65,13 @@ pub enum VmmError {
     DuplicateForward { guest_port: u16 },
     #[error("guest port {guest_port} is not forwarded, so it cannot be probed")]
     NotForwarded { guest_port: u16 },
+    #[error("forwarding host {host} to guest port {guest_port} on QEMU pid {pid}: {message}")]
+    Forward {
+        pid: u32,
+        guest_port: u16,
+        host: std::net::SocketAddr,
+        message: String,
+    },
     #[error("no free loopback TCP port: {0}")]
     NoPort(std::io::Error),
     #[error("invalid snapshot {path}: {why}")]

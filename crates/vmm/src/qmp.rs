@@ -106,6 +106,17 @@ impl Qmp {
         })
     }
 
+    /// Runs one human-monitor (HMP) command and returns what it printed. slirp's
+    /// `hostfwd_add`/`hostfwd_remove` exist only there, and report failure as printed text
+    /// rather than as a QMP error, so callers must read the output.
+    pub async fn human(&self, command_line: String) -> Result<String> {
+        self.execute(qmp::human_monitor_command {
+            command_line,
+            cpu_index: None,
+        })
+        .await
+    }
+
     pub async fn stop(&self) -> Result<()> {
         self.execute(qmp::stop {}).await.map(drop)
     }

@@ -54,8 +54,18 @@ impl SandboxSession for ProcessSession {
         self.addr
     }
 
+    /// The agent runs on the host, and so does everything it starts: a sandbox's port N is
+    /// the host's loopback port N (shared by every sandbox of this backend, which isolates
+    /// nothing). Only envd's port is elsewhere, wherever the agent bound.
     fn port_addr(&self, guest_port: u16) -> Option<SocketAddr> {
-        (guest_port == ENVD_PORT).then_some(self.addr)
+        if guest_port == ENVD_PORT {
+            Some(self.addr)
+        } else {
+            Some(SocketAddr::from((
+                std::net::Ipv4Addr::LOCALHOST,
+                guest_port,
+            )))
+        }
     }
 
     fn pid(&self) -> Option<u32> {

@@ -33,6 +33,11 @@ pub enum QemuError {
     #[error("the sandbox VM is already stopped")]
     Stopped,
     #[error(
+        "the sandbox already forwards {max} ports besides its agent's; port {port} was not \
+         added (each forward is a listening host socket in its QEMU)"
+    )]
+    TooManyPorts { port: u16, max: usize },
+    #[error(
         "template snapshot {artifact} was booted without a per-VM secret (firkin before access \
          tokens on every restore): its clones would answer anyone until their first /init; \
          rebuild the template"
@@ -45,6 +50,11 @@ impl From<VmmError> for QemuError {
         QemuError::Vmm(Box::new(e))
     }
 }
+
+/// Ports a sandbox may have forwarded at run time, besides [`GUEST_PORTS`]: each is a host
+/// socket inside its QEMU, and a guest (or a client trying ports) must not be able to make
+/// that grow without end.
+pub const MAX_PORT_FORWARDS: usize = 64;
 
 /// Restores sealed QEMU snapshots (templates and continuations) into fresh `microvm`s.
 ///
@@ -149,8 +159,10 @@ impl SnapshotSessionLauncher for QemuLauncher {
 pub struct QemuSession {
     vm: Mutex<Option<Vm>>,
     envd: SocketAddr,
-    /// Guest port → host loopback address, for every port in [`GUEST_PORTS`].
-    forwards: Vec<(u16, SocketAddr)>,
+    /// Guest port → host loopback address: every port in [`GUEST_PORTS`], then those
+    /// [`SandboxSession::open_port`] added. A copy of the VM's list that `port_addr` can read
+    /// without waiting for the VM's lock; written only under that lock.
+    forwards: std::sync::Mutex<Vec<(u16, SocketAddr)>>,
     pid: u32,
     exit: watch::Receiver<Option<ExitInfo>>,
     stop_timeout: Duration,
@@ -184,7 +196,7 @@ impl QemuSession {
         let vm_secret = vm.guest_secret().map(str::to_owned);
         Ok(Self {
             envd: envd_addr(&vm).map_err(QemuError::Vmm)?,
-            forwards: vm.forwards().to_vec(),
+            forwards: std::sync::Mutex::new(vm.forwards().to_vec()),
             pid: vm.pid(),
             exit: vm.exit_watch(),
             vm: Mutex::new(Some(vm)),
@@ -230,10 +242,29 @@ impl SandboxSession for QemuSession {
     }
 
     fn port_addr(&self, guest_port: u16) -> Option<SocketAddr> {
-        self.forwards
+        lock(&self.forwards)
             .iter()
             .find(|(guest, _)| *guest == guest_port)
             .map(|&(_, host)| host)
+    }
+
+    async fn open_port(&self, guest_port: u16) -> Result<Option<SocketAddr>, QemuError> {
+        // The VM's lock is the per-sandbox lock: concurrent first requests for one port wait
+        // here, and all but the first find the forward the first added.
+        let mut vm = self.vm.lock().await;
+        let vm = vm.as_mut().ok_or(QemuError::Stopped)?;
+        if let Some(addr) = vm.forward(guest_port) {
+            return Ok(Some(addr));
+        }
+        if vm.forwards().len() >= GUEST_PORTS.len() + MAX_PORT_FORWARDS {
+            return Err(QemuError::TooManyPorts {
+                port: guest_port,
+                max: MAX_PORT_FORWARDS,
+            });
+        }
+        let addr = vm.add_forward(guest_port).await?;
+        *lock(&self.forwards) = vm.forwards().to_vec();
+        Ok(Some(addr))
     }
 
     fn pid(&self) -> Option<u32> {

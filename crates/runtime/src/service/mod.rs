@@ -210,6 +210,38 @@ where
         a.session.port_addr(guest_port)
     }
 
+    /// Loopback address of a guest port of a running sandbox, forwarding the port first if it
+    /// is not yet (the first request for a port a guest server listens on). `Ok(None)`: the
+    /// sandbox is not running (or is being paused), or its backend cannot reach the port.
+    pub async fn open_port(
+        &self,
+        id: &SandboxId,
+        guest_port: u16,
+    ) -> Result<Option<SocketAddr>, RuntimeError> {
+        let session = {
+            let st = lock(&self.inner.state);
+            let Some(a) = st.active.get(id) else {
+                return Ok(None);
+            };
+            if a.pausing {
+                return Ok(None);
+            }
+            if let Some(addr) = a.session.port_addr(guest_port) {
+                return Ok(Some(addr));
+            }
+            Arc::clone(&a.session)
+        };
+        // The session serialises forwards per sandbox; the state lock is not held across it.
+        session
+            .open_port(guest_port)
+            .await
+            .map_err(|e| RuntimeError::Port {
+                sandbox_id: id.clone(),
+                port: guest_port,
+                reason: e.to_string(),
+            })
+    }
+
     pub fn pid(&self, id: &SandboxId) -> Option<u32> {
         lock(&self.inner.state).active.get(id)?.session.pid()
     }

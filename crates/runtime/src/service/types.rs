@@ -228,6 +228,12 @@ pub enum RuntimeError {
         sandbox_id: SandboxId,
         reason: String,
     },
+    #[error("opening port {port} of sandbox {sandbox_id}: {reason}")]
+    Port {
+        sandbox_id: SandboxId,
+        port: u16,
+        reason: String,
+    },
     #[error("runtime i/o on {path}: {source}")]
     Io {
         path: PathBuf,

@@ -180,7 +180,7 @@ fn sandbox_dto(app: &App, r: &SandboxRecord) -> Sandbox {
         envd_version: ENVD_VERSION.to_owned(),
         alias: Some(r.template_id.clone()),
         envd_access_token: Some(r.access_token.clone()),
-        traffic_access_token: None,
+        traffic_access_token: r.traffic_access_token.clone(),
         domain: app.config.domain.clone(),
     }
 }

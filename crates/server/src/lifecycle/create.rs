@@ -65,6 +65,7 @@ impl App {
         let sandbox_id = SandboxId::new(random_alnum(20))
             .map_err(|e| ApiError::internal(format!("generating a sandbox id: {e}")))?;
         let _guard = self.locks.lock(&sandbox_id).await;
+        let private = private_traffic(&req);
         let now = now_ms();
         let mut record = SandboxRecord {
             seq: 0,
@@ -75,6 +76,7 @@ impl App {
             metadata: req.metadata,
             env_vars: req.env_vars,
             access_token: generate_token(),
+            traffic_access_token: private.then(generate_token),
             timeout_secs: timeout,
             auto_pause: req.auto_pause.unwrap_or(false),
             auto_resume: req.auto_resume.is_some_and(|a| a.enabled),
@@ -233,9 +235,6 @@ fn refuse_unsupported(req: &SandboxCreateRequest) -> Result<(), ApiError> {
                 return unsupported(&format!("network.{key}"));
             }
         }
-        if net.get("allowPublicTraffic") == Some(&serde_json::Value::Bool(false)) {
-            return unsupported("network.allowPublicTraffic=false");
-        }
     }
     if req.volume_mounts.as_ref().is_some_and(|v| !v.is_empty()) {
         return unsupported("volumeMounts");
@@ -244,6 +243,15 @@ fn refuse_unsupported(req: &SandboxCreateRequest) -> Result<(), ApiError> {
         return unsupported("mcp");
     }
     Ok(())
+}
+
+/// `network.allowPublicTraffic: false`: the sandbox's ports answer only requests that carry
+/// its traffic token. Absent or null is E2B's default, public.
+fn private_traffic(req: &SandboxCreateRequest) -> bool {
+    req.network
+        .as_ref()
+        .and_then(|n| n.get("allowPublicTraffic"))
+        .is_some_and(|v| *v == serde_json::Value::Bool(false))
 }
 
 pub(super) fn envd_init(r: &SandboxRecord) -> EnvdInit {

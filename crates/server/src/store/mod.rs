@@ -96,6 +96,10 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX snapshots_sandbox ON snapshots (sandbox_id);
     "#,
+    // 2: `allowPublicTraffic: false` sandboxes keep the token their ports ask for.
+    r#"
+    ALTER TABLE sandboxes ADD COLUMN traffic_access_token TEXT;
+    "#,
 ];
 
 /// The schema version this build of firkin writes.

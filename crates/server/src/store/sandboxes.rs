@@ -52,6 +52,9 @@ pub struct SandboxRecord {
     pub metadata: BTreeMap<String, String>,
     pub env_vars: BTreeMap<String, String>,
     pub access_token: String,
+    /// Set for a sandbox created with `allowPublicTraffic: false`: requests to its ports other
+    /// than envd's must carry it as `e2b-traffic-access-token`.
+    pub traffic_access_token: Option<String>,
     /// The lifetime asked for at create (or the last `set_timeout`), reused at resume.
     pub timeout_secs: i64,
     pub auto_pause: bool,
@@ -75,9 +78,9 @@ impl Store {
         conn.execute(
             "INSERT INTO sandboxes (sandbox_id, template_id, build_id, state, metadata, env_vars,
                  access_token, timeout_secs, auto_pause, auto_resume, cpus, memory_mb, disk_mb,
-                 started_ms, end_ms, pid, pid_start, snapshot_id, created_ms)
+                 started_ms, end_ms, pid, pid_start, snapshot_id, created_ms, traffic_access_token)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 NULL, ?18)",
+                 NULL, ?18, ?19)",
             params![
                 s.sandbox_id.as_str(),
                 s.template_id,
@@ -97,6 +100,7 @@ impl Store {
                 s.pid,
                 s.pid_start.map(pid_start_column),
                 s.created_ms,
+                s.traffic_access_token,
             ],
         )
         .op("recording a sandbox")?;
@@ -237,7 +241,8 @@ fn json_map(m: &BTreeMap<String, String>) -> String {
 const SANDBOX_SELECT: &str = "SELECT s.seq, s.sandbox_id, s.template_id, s.build_id, s.state,
     s.metadata, s.env_vars, s.access_token, s.timeout_secs, s.auto_pause, s.auto_resume, s.cpus,
     s.memory_mb, s.disk_mb, s.started_ms, s.end_ms, s.pid, s.pid_start, s.created_ms,
-    p.snapshot_id, p.dir, p.descriptor, p.size_bytes, p.sha256, p.created_ms
+    p.snapshot_id, p.dir, p.descriptor, p.size_bytes, p.sha256, p.created_ms,
+    s.traffic_access_token
     FROM sandboxes s LEFT JOIN snapshots p ON p.snapshot_id = s.snapshot_id";
 
 /// A row before validation: SQLite types only, so that malformed rows become a [`StoreError`]
@@ -268,6 +273,7 @@ struct RawSandbox {
     snap_size: Option<i64>,
     snap_sha: Option<String>,
     snap_created: Option<i64>,
+    traffic_access_token: Option<String>,
 }
 
 fn sandbox_raw(r: &Row<'_>) -> rusqlite::Result<RawSandbox> {
@@ -297,6 +303,7 @@ fn sandbox_raw(r: &Row<'_>) -> rusqlite::Result<RawSandbox> {
         snap_size: r.get(22)?,
         snap_sha: r.get(23)?,
         snap_created: r.get(24)?,
+        traffic_access_token: r.get(25)?,
     })
 }
 
@@ -343,6 +350,7 @@ impl RawSandbox {
             metadata,
             env_vars,
             access_token: self.access_token,
+            traffic_access_token: self.traffic_access_token,
             timeout_secs: self.timeout_secs,
             auto_pause: self.auto_pause,
             auto_resume: self.auto_resume,

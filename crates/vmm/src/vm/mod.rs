@@ -20,6 +20,7 @@
 mod boot;
 mod continuation;
 mod disk;
+mod forward;
 mod memory;
 mod ready;
 mod restore;
@@ -69,7 +70,8 @@ pub struct Vm {
     run_dir: PathBuf,
     child: ChildHandle,
     qmp: Qmp,
-    /// Guest port → host loopback address forwarded to it, in the order the caller gave.
+    /// Guest port → host loopback address forwarded to it: the launch's, in the order the
+    /// caller gave, then those added at run time ([`Vm::add_forward`]).
     forwards: Vec<(u16, SocketAddr)>,
     timings: RestoreTimings,
     /// The secret this QEMU gives its guest (see [`MachineConfig::guest_secret`]).
@@ -187,7 +189,8 @@ impl Vm {
         self.child.pid()
     }
 
-    /// The host loopback address forwarded to `guest_port`, if the request asked for it.
+    /// The host loopback address forwarded to `guest_port`, if the request asked for it or it
+    /// was added since.
     pub fn forward(&self, guest_port: u16) -> Option<SocketAddr> {
         self.forwards
             .iter()

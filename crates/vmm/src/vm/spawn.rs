@@ -12,7 +12,7 @@ use crate::error::{Result, VmmError};
 use crate::process::{self, ChildHandle, ExitInfo};
 use crate::qmp::Qmp;
 
-fn free_port() -> Result<u16> {
+pub(super) fn free_port() -> Result<u16> {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
