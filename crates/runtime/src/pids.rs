@@ -53,6 +53,51 @@ pub fn processes_referencing(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// Whether `root` or one of its descendants holds a TCP socket listening on `port` (any local
+/// address, IPv4 or IPv6). The process backend routes a sandbox's port only then: its agent
+/// runs on the host, and without this check the sandbox plane would reach any service on the
+/// host's loopback for anyone who knows a sandbox id.
+pub fn tree_listens_on(root: u32, port: u16) -> bool {
+    use procfs::net::TcpState;
+    use procfs::process::FDTarget;
+    let listening: std::collections::HashSet<u64> = [procfs::net::tcp(), procfs::net::tcp6()]
+        .into_iter()
+        .filter_map(Result::ok)
+        .flatten()
+        .filter(|e| e.state == TcpState::Listen && e.local_address.port() == port)
+        .map(|e| e.inode)
+        .collect();
+    if listening.is_empty() {
+        return false;
+    }
+    let Ok(all) = procfs::process::all_processes() else {
+        return false;
+    };
+    let mut children: std::collections::HashMap<i32, Vec<Process>> = Default::default();
+    let mut root_proc = None;
+    for p in all.filter_map(Result::ok) {
+        if u32::try_from(p.pid()).is_ok_and(|pid| pid == root) {
+            root_proc = Some(p);
+        } else if let Ok(st) = p.stat() {
+            children.entry(st.ppid).or_default().push(p);
+        }
+    }
+    let mut todo: Vec<Process> = root_proc.into_iter().collect();
+    // Bounded by the number of processes: each is visited at most once (a tree has no cycles).
+    while let Some(p) = todo.pop() {
+        let holds = p.fd().is_ok_and(|fds| {
+            fds.filter_map(Result::ok).any(
+                |fd| matches!(fd.target, FDTarget::Socket(inode) if listening.contains(&inode)),
+            )
+        });
+        if holds {
+            return true;
+        }
+        todo.extend(children.remove(&p.pid()).unwrap_or_default());
+    }
+    false
+}
+
 /// SIGKILLs `pid` (by number; for the startup sweep only).
 pub fn kill_pid(pid: u32) -> bool {
     let Ok(raw) = i32::try_from(pid) else {

@@ -228,6 +228,10 @@ async fn route_slow(app: &Arc<App>, id: &SandboxId, port: u16) -> Result<SocketA
     }
     match open_port(app, id, port).await? {
         Some(addr) => Ok(addr),
+        // Running, but the backend has nothing to route there.
+        None if app.rt.is_running(id) => {
+            Err(crate::error::sandbox_plane_port_closed(id.as_str(), port))
+        }
         None => Err(sandbox_plane_not_found(id.as_str(), None)),
     }
 }

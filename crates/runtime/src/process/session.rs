@@ -55,16 +55,16 @@ impl SandboxSession for ProcessSession {
     }
 
     /// The agent runs on the host, and so does everything it starts: a sandbox's port N is
-    /// the host's loopback port N (shared by every sandbox of this backend, which isolates
-    /// nothing). Only envd's port is elsewhere, wherever the agent bound.
+    /// the host's loopback port N. It is routed only while a process of this sandbox (the
+    /// agent or one of its descendants) listens on it; any other host service on that port
+    /// stays out of the sandbox plane's reach. Only envd's port is elsewhere, wherever the
+    /// agent bound.
     fn port_addr(&self, guest_port: u16) -> Option<SocketAddr> {
         if guest_port == ENVD_PORT {
             Some(self.addr)
         } else {
-            Some(SocketAddr::from((
-                std::net::Ipv4Addr::LOCALHOST,
-                guest_port,
-            )))
+            crate::pids::tree_listens_on(self.child.pid(), guest_port)
+                .then(|| SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, guest_port)))
         }
     }
 
