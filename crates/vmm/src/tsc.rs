@@ -5,17 +5,51 @@
 //! so), so firkin passes `tsc_early_khz=`; a wrong value makes the guest clock run fast or slow
 //! by the ratio (a fixed 2 GHz on a 2.3 GHz host made guest time gain 15 %).
 
+use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Used only where the TSC cannot be read at all (not x86_64).
 const FALLBACK_KHZ: u64 = 2_000_000;
 
-/// Host TSC frequency in kHz: the kernel's value when exported, else measured once against the
-/// monotonic clock over 100 ms.
+/// Where a measured frequency is kept for the rest of the boot (a tmpfs: the TSC's rate is fixed
+/// until the host reboots).
+const REMEMBERED: &str = "/run/firkin-tsc-khz";
+
+/// Host TSC frequency in kHz: the kernel's value when exported, else measured against the
+/// monotonic clock and remembered for the rest of the boot.
+///
+/// Remembered because the value is part of the kernel command line, which a template's build
+/// fingerprint covers: a measurement rounds to whole MHz and on this kind of host lands on
+/// either side of a boundary (2595 or 2596 MHz), so each process measuring afresh made every
+/// other `firkin serve` start reject its cached templates and build them again.
 pub fn host_tsc_khz() -> u64 {
     static KHZ: OnceLock<u64> = OnceLock::new();
-    *KHZ.get_or_init(|| from_sysfs().unwrap_or_else(calibrate))
+    *KHZ.get_or_init(|| {
+        from_sysfs().unwrap_or_else(|| remembered(Path::new(REMEMBERED), calibrate))
+    })
+}
+
+/// The value kept at `path`, else `measure()`'s, kept there for the next process (if the file
+/// can be written; a process that cannot, e.g. without write access to `/run`, still gets a
+/// value). Between two processes measuring at once, the file's content wins for both.
+fn remembered(path: &Path, measure: impl FnOnce() -> u64) -> u64 {
+    let read = || {
+        std::fs::read_to_string(path)
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|k| *k > 0)
+    };
+    if let Some(khz) = read() {
+        return khz;
+    }
+    let khz = measure();
+    if let Err(err) = firkin_artifacts::write_bytes_atomic(path, khz.to_string().as_bytes()) {
+        tracing::debug!(path = %path.display(), %err, "not remembering the TSC frequency");
+    }
+    read().unwrap_or(khz)
 }
 
 fn from_sysfs() -> Option<u64> {
@@ -56,6 +90,20 @@ fn calibrate() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_measurement_is_remembered_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("khz");
+        assert_eq!(remembered(&path, || 2_595_000), 2_595_000);
+        // A later process measures nothing and gets the first value, whatever it would measure.
+        assert_eq!(remembered(&path, || panic!("measured again")), 2_595_000);
+        // Nowhere to keep it: still a value.
+        assert_eq!(
+            remembered(&dir.path().join("no/such/dir/khz"), || 2_596_000),
+            2_596_000
+        );
+    }
 
     #[test]
     fn host_tsc_is_plausible() {
