@@ -729,29 +729,11 @@ async fn timeouts_kill_pause_and_can_be_moved_on(backend: Backend) {
     assert_eq!(r.status, StatusCode::NO_CONTENT);
 
     let doomed_id = doomed["sandboxID"].as_str().unwrap().to_owned();
-    eventually(
-        "the timed-out sandbox to go",
-        Duration::from_secs(30),
-        async || {
-            s.api(Method::GET, &format!("/sandboxes/{doomed_id}"), "")
-                .await
-                .status
-                == StatusCode::NOT_FOUND
-        },
-    )
-    .await;
+    s.await_sandbox(&doomed_id, None, Duration::from_secs(30))
+        .await;
     let paused_id = paused["sandboxID"].as_str().unwrap().to_owned();
-    eventually(
-        "the auto-pause sandbox to pause",
-        Duration::from_secs(30),
-        async || {
-            s.api(Method::GET, &format!("/sandboxes/{paused_id}"), "")
-                .await
-                .json()["state"]
-                == "paused"
-        },
-    )
-    .await;
+    s.await_sandbox(&paused_id, Some("paused"), Duration::from_secs(30))
+        .await;
     let d = s
         .api(Method::GET, &format!("/sandboxes/{kept_id}"), "")
         .await

@@ -31,29 +31,11 @@ async fn a_zero_timeout_expires_the_sandbox_now() {
         assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
     }
     let killed_id = killed["sandboxID"].as_str().unwrap();
-    eventually(
-        "the sandbox to be killed",
-        Duration::from_secs(20),
-        async || {
-            s.api(Method::GET, &format!("/sandboxes/{killed_id}"), "")
-                .await
-                .status
-                == StatusCode::NOT_FOUND
-        },
-    )
-    .await;
+    s.await_sandbox(killed_id, None, Duration::from_secs(20))
+        .await;
     let paused_id = paused["sandboxID"].as_str().unwrap();
-    eventually(
-        "the sandbox to be paused",
-        Duration::from_secs(30),
-        async || {
-            s.api(Method::GET, &format!("/sandboxes/{paused_id}"), "")
-                .await
-                .json()["state"]
-                == "paused"
-        },
-    )
-    .await;
+    s.await_sandbox(paused_id, Some("paused"), Duration::from_secs(30))
+        .await;
     // A resume gets the lifetime the sandbox had, not the zero that expired it.
     let c = s
         .api(

@@ -370,6 +370,20 @@ impl TestServer {
 
     /// A sandbox-plane call through the proxy (header routing, like the SDK with
     /// `E2B_SANDBOX_URL`).
+    /// Waits up to `limit` for the expiry loop to have killed (`None`) or paused
+    /// (`Some("paused")`) sandbox `id`.
+    pub async fn await_sandbox(&self, id: &str, state: Option<&str>, limit: Duration) {
+        let what = format!("sandbox {id} to be {}", state.unwrap_or("gone"));
+        eventually(&what, limit, async || {
+            let r = self.api(Method::GET, &format!("/sandboxes/{id}"), "").await;
+            match state {
+                None => r.status == StatusCode::NOT_FOUND,
+                Some(want) => r.status == StatusCode::OK && r.json()["state"] == want,
+            }
+        })
+        .await;
+    }
+
     pub async fn envd(
         &self,
         sandbox: &Value,
