@@ -53,31 +53,4 @@ impl Vm {
             "no forward attempt was made",
         ))))
     }
-
-    /// Removes a forward added by [`Vm::add_forward`] (or given at launch). Connections already
-    /// accepted on it carry on; the host port stops accepting.
-    pub async fn remove_forward(&mut self, guest_port: u16) -> Result<()> {
-        let Some(host) = self.forward(guest_port) else {
-            return Ok(());
-        };
-        let out = self
-            .qmp
-            .human(format!(
-                "hostfwd_remove {NETDEV} tcp:{}:{}",
-                host.ip(),
-                host.port()
-            ))
-            .await?;
-        // QEMU prints "host forwarding rule for … removed" on success.
-        if !out.contains("removed") {
-            return Err(VmmError::Forward {
-                pid: self.pid(),
-                guest_port,
-                host,
-                message: out.trim().to_owned(),
-            });
-        }
-        self.forwards.retain(|(g, _)| *g != guest_port);
-        Ok(())
-    }
 }
