@@ -107,7 +107,7 @@ impl Qmp {
     }
 
     /// Runs one human-monitor (HMP) command and returns what it printed. slirp's
-    /// `hostfwd_add` exists only there, and report failure as printed text
+    /// `hostfwd_add` exists only there, and reports failure as printed text
     /// rather than as a QMP error, so callers must read the output.
     pub async fn human(&self, command_line: String) -> Result<String> {
         self.execute(qmp::human_monitor_command {
