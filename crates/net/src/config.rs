@@ -133,6 +133,11 @@ pub enum Verdict {
 pub struct EgressPolicy {
     pub allow: Vec<Ipv4Net>,
     pub deny: Vec<Ipv4Net>,
+    /// Domains whose addresses are allowed (E2B's domain entries in `allowOut`): an exact name
+    /// (`example.com`) or one leading wildcard (`*.example.com`, any depth of subdomain, not
+    /// the apex), lowercase, without a trailing dot. An address the slot's DNS resolved for a
+    /// matching name is allowed like an `allow` entry, for as long as the answer's TTL.
+    pub allow_domains: Vec<String>,
     pub default: Verdict,
 }
 

@@ -184,6 +184,7 @@ mod tests {
             sandbox_id: SandboxId::new(id).unwrap(),
             source: SandboxSource::Template(t.clone()),
             init: EnvdInit::default(),
+            network: None,
         }
     }
 

@@ -4,6 +4,7 @@ use std::path::Path;
 use async_trait::async_trait;
 
 pub use firkin_e2b_wire::EnvdInit;
+pub use firkin_net::EgressPolicy;
 
 /// The host's wall clock now, as `/init` carries it.
 pub fn wall_clock_now() -> String {
@@ -55,6 +56,12 @@ pub trait SandboxSession: Send + Sync + 'static {
     /// on the port is for the caller's connection to find out.
     async fn open_port(&self, guest_port: u16) -> Result<Option<SocketAddr>, Self::Error> {
         Ok(self.port_addr(guest_port))
+    }
+
+    /// Replaces the sandbox's egress policy; new connections see it at once. `Ok(false)`: this
+    /// backend cannot enforce one (no network of its own per sandbox).
+    async fn set_egress(&self, _policy: &EgressPolicy) -> Result<bool, Self::Error> {
+        Ok(false)
     }
 
     /// Host pid of the VMM process, if there is one.

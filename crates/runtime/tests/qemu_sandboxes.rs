@@ -128,6 +128,7 @@ fn start(id: &str, source: SandboxSource, token: &str) -> StartSandbox {
         sandbox_id: SandboxId::new(id).unwrap(),
         source,
         init: init(token, &[("FIRKIN_TEST_VAR", id)]),
+        network: None,
     }
 }
 

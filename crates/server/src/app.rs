@@ -61,6 +61,10 @@ pub struct ServerConfig {
     pub template_wait: Duration,
     /// Period of the timeout and reconcile loop.
     pub tick: Duration,
+    /// Whether the runtime gives each sandbox a network of its own and so can enforce egress
+    /// policies (`allow_internet_access`, `network.allowOut/denyOut`); without it they are
+    /// refused with 400.
+    pub egress_control: bool,
 }
 
 impl ServerConfig {
@@ -75,6 +79,7 @@ impl ServerConfig {
             // retry instead of abandoning a create that would then run for nobody.
             template_wait: Duration::from_secs(50),
             tick: Duration::from_millis(250),
+            egress_control: false,
         }
     }
 }

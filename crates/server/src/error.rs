@@ -35,6 +35,7 @@ pub fn from_runtime(err: &RuntimeError) -> ApiError {
         | RuntimeError::Pause { .. }
         | RuntimeError::Seal(_)
         | RuntimeError::Stop { .. }
+        | RuntimeError::Network { .. }
         | RuntimeError::Io { .. } => ApiError::internal(message),
     }
 }

@@ -210,6 +210,23 @@ where
         a.session.port_addr(guest_port)
     }
 
+    /// Replaces a running sandbox's egress policy (new connections see it at once).
+    pub async fn set_egress(
+        &self,
+        id: &SandboxId,
+        policy: &crate::session::EgressPolicy,
+    ) -> Result<(), RuntimeError> {
+        let session = {
+            let st = lock(&self.inner.state);
+            let a = st
+                .active
+                .get(id)
+                .ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
+            Arc::clone(&a.session)
+        };
+        apply_egress(id, session.as_ref(), policy).await
+    }
+
     /// Loopback address of a guest port of a running sandbox, forwarding the port first if it
     /// is not yet (the first request for a port a guest server listens on). `Ok(None)`: the
     /// sandbox is not running (or is being paused), or its backend cannot reach the port.
@@ -302,6 +319,12 @@ where
             .map_err(into_runtime_error)?;
         let (session, held) = (Arc::new(passed.session), passed.held);
         let launch_time = passed.launch;
+        if let Some(policy) = &req.network
+            && let Err(err) = apply_egress(&req.sandbox_id, session.as_ref(), policy).await
+        {
+            let _ = session.stop().await;
+            return Err(err);
+        }
         let init_started = Instant::now();
         if let Err(err) = session.init(&req.init).await {
             let _ = session.stop().await;
@@ -407,5 +430,26 @@ where
         for s in sessions {
             let _ = s.stop().await;
         }
+    }
+}
+
+/// Applies `policy` to `session`, or says why it could not be.
+pub(crate) async fn apply_egress<S: SandboxSession>(
+    id: &SandboxId,
+    session: &S,
+    policy: &crate::session::EgressPolicy,
+) -> Result<(), RuntimeError> {
+    let err = |reason: String| RuntimeError::Network {
+        sandbox_id: id.clone(),
+        reason,
+    };
+    match session.set_egress(policy).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(err(
+            "this backend has no network of its own per sandbox, so it cannot enforce an \
+             egress policy"
+                .into(),
+        )),
+        Err(e) => Err(err(e.to_string())),
     }
 }

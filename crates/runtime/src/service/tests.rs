@@ -55,6 +55,7 @@ fn start(id: &str, t: &TemplateSnapshot) -> StartSandbox {
         sandbox_id: SandboxId::new(id).unwrap(),
         source: SandboxSource::Template(t.clone()),
         init: EnvdInit::default(),
+        network: None,
     }
 }
 
@@ -248,6 +249,7 @@ async fn pause_seals_a_continuation_and_resume_restores_it() {
             sandbox_id: sid("a"),
             source: SandboxSource::Continuation(paused.clone()),
             init: EnvdInit::default(),
+            network: None,
         })
         .await
         .unwrap();
@@ -261,6 +263,7 @@ async fn pause_seals_a_continuation_and_resume_restores_it() {
             sandbox_id: sid("a"),
             source: SandboxSource::Continuation(paused),
             init: EnvdInit::default(),
+            network: None,
         })
         .await,
         Err(RuntimeError::Integrity { .. })

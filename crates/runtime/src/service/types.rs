@@ -162,6 +162,10 @@ pub struct StartSandbox {
     pub sandbox_id: SandboxId,
     pub source: SandboxSource,
     pub init: EnvdInit,
+    /// The sandbox's egress policy, applied before its agent is configured (so before any of
+    /// the user's code runs). `None`: the backend's default (all but the always-denied ranges).
+    /// A backend that cannot enforce a policy fails such a start.
+    pub network: Option<crate::session::EgressPolicy>,
 }
 
 /// A sandbox that is running and configured.
@@ -225,6 +229,11 @@ pub enum RuntimeError {
     Seal(#[from] SealError),
     #[error("stopping sandbox {sandbox_id} failed: {reason}")]
     Stop {
+        sandbox_id: SandboxId,
+        reason: String,
+    },
+    #[error("setting the egress policy of sandbox {sandbox_id}: {reason}")]
+    Network {
         sandbox_id: SandboxId,
         reason: String,
     },

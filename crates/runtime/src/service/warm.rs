@@ -58,6 +58,14 @@ where
                 require_template_processes_only: true,
                 ..req.init.clone()
             };
+            if let Some(policy) = &req.network
+                && let Err(err) =
+                    super::apply_egress(&req.sandbox_id, warm.session.as_ref(), policy).await
+            {
+                let _ = warm.session.stop().await;
+                drop(held);
+                return Err(err);
+            }
             if let Err(err) = warm.session.init(&init).await {
                 tracing::warn!(%err, "warm sandbox refused /init; discarding it");
                 let _ = warm.session.stop().await;

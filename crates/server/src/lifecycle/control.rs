@@ -179,6 +179,7 @@ impl App {
                     depends_on: Vec::new(),
                 }),
                 init: envd_init(record),
+                network: None,
             })
             .await
             .map_err(|err| {

@@ -96,6 +96,7 @@ impl App {
                 sandbox_id: sandbox_id.clone(),
                 source: SandboxSource::Template(snapshot),
                 init: envd_init(&record),
+                network: None,
             })
             .await;
         let started = match started {
