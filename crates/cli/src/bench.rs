@@ -167,6 +167,7 @@ async fn bare_restores(dir: &Path, n: usize, scratch: &Path) -> Result<Vec<f64>>
             RestoreRequest {
                 run_dir: scratch.join(format!("bare-{i}")),
                 guest_ports: GUEST_PORTS.to_vec(),
+                net: firkin_vmm::NetAttach::User,
                 ready: Some(envd_ready(Duration::from_secs(60))),
             },
         )
@@ -203,6 +204,7 @@ async fn cold_boots(dir: &Path, n: usize, scratch: &Path) -> Result<Vec<f64>> {
             ram_path: run.join("ram.img"),
             disk,
             guest_ports: GUEST_PORTS.to_vec(),
+            net: firkin_vmm::NetAttach::User,
             ready: Some(envd_ready(Duration::from_secs(300))),
         })
         .await?;

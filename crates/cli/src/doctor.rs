@@ -10,7 +10,7 @@ use firkin_types::Size;
 use serde::Serialize;
 
 /// Check the host: accelerator, the host programs firkin runs (QEMU, qemu-img, template
-/// tools), guest assets, disk, the listen port, capacity.
+/// tools), guest assets, disk, sandbox networking, the listen port, capacity.
 ///
 /// Exits non-zero if a check fails (warnings do not fail).
 ///
@@ -155,6 +155,30 @@ fn disk(what: &'static str, dir: &Path, floor: Size) -> Check {
     }
 }
 
+/// Which network sandboxes get here (what `firkin serve --network auto` picks), and the limits
+/// of user-mode networking when that is what they get.
+fn network() -> Check {
+    match crate::network::tap_unavailable() {
+        None => check(
+            "network",
+            Status::Ok,
+            "per-sandbox networks (namespace + TAP + nftables): no sandbox reaches this host or \
+             another sandbox, any guest port is reachable, egress policies are enforced",
+        ),
+        Some(missing) => check(
+            "network",
+            Status::Warn,
+            format!(
+                "user-mode networking only (missing: {missing}). Its limits: a sandbox can \
+                 reach this host's loopback services (the firkin API and other sandboxes' \
+                 forwarded ports included); guest ports are reached through host loopback \
+                 forwards (at most 64 per sandbox); egress policies (allow_internet_access, \
+                 network.allowOut/denyOut) are refused with 400; file transfer is slower"
+            ),
+        ),
+    }
+}
+
 async fn port(listen: SocketAddr) -> Check {
     match std::net::TcpListener::bind(listen) {
         Ok(_) => check("listen port", Status::Ok, format!("{listen} is free")),
@@ -234,6 +258,7 @@ pub async fn run(args: DoctorArgs) -> Result<ExitCode> {
     checks.extend(guest_assets(&paths));
     checks.push(disk("disk (state)", paths.state_dir(), floor));
     checks.push(disk("disk (cache)", paths.cache_dir(), floor));
+    checks.push(network());
     checks.push(port(args.listen).await);
     checks.push(capacity(paths.state_dir()));
     let failed = checks.iter().any(|c| c.status == Status::Fail);

@@ -9,6 +9,7 @@ mod bench;
 mod client;
 mod doctor;
 mod logging;
+mod network;
 mod sandbox;
 mod serve;
 mod template;

@@ -110,6 +110,9 @@ pub struct ServeArgs {
     #[arg(long)]
     no_default_template: bool,
 
+    #[command(flatten)]
+    net: crate::network::NetworkArgs,
+
     /// Agent binary for `--backend process` [default: `firkin-envd` next to this binary, else
     /// on PATH].
     #[arg(long, env = "FIRKIN_ENVD_BIN")]
@@ -243,6 +246,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     config.max_timeout = Duration::from_secs(args.max_timeout_secs.max(1));
     config.warm_pools = warm_pools(&args.warm_pool)?;
 
+    let mut slots = None;
     let server = match args.backend {
         Backend::Process => {
             tracing::warn!(
@@ -261,11 +265,17 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             tracing::info!(accel = ?accel.accel, reason = %accel.reason, "accelerator");
             let assets = firkin_runtime::qemu::GuestAssets::locate(&paths)
                 .context("locating guest assets (kernel, firkin-init, firkin-envd)")?;
-            let launcher =
+            let mut launcher =
                 firkin_runtime::qemu::QemuLauncher::new(paths.sandboxes_dir(), Arc::clone(&cache));
-            let builder: Arc<dyn TemplateBuilder> = Arc::new(
-                firkin_server::qemu::QemuTemplateBuilder::new(assets, accel, Arc::clone(&cache)),
-            );
+            let mut builder =
+                firkin_server::qemu::QemuTemplateBuilder::new(assets, accel, Arc::clone(&cache));
+            slots = crate::network::start(&args.net)?;
+            if let Some(pool) = &slots {
+                launcher = launcher.with_slots(pool.clone());
+                builder = builder.with_slots(pool.clone());
+                config.egress_control = true;
+            }
+            let builder: Arc<dyn TemplateBuilder> = Arc::new(builder);
             Server::open(config, SandboxRuntime::new(launcher, rc, cache), builder)?
         }
     };
@@ -345,9 +355,17 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         Some(EnsureTemplate::Ready) | None => {}
     }
     print_banner(local, &key);
-    serving
+    let served = serving
         .await
-        .map_err(|e| anyhow!("the server task failed: {e}"))??;
+        .map_err(|e| anyhow!("the server task failed: {e}"));
+    // The sandboxes stopped with the server and gave their slots back; what the pool still
+    // holds (ready slots, the host table) goes now.
+    if let Some(pool) = slots
+        && let Err(err) = pool.shutdown().await
+    {
+        tracing::warn!(%err, "removing the network slots");
+    }
+    served??;
     Ok(())
 }
 

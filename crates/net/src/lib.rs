@@ -13,6 +13,7 @@ pub mod links;
 pub mod netns;
 mod pool;
 mod slot;
+mod sweep;
 mod sys;
 
 pub use config::{EgressPolicy, GuestDevice, GuestNet, Ipv4Net, PoolConfig, SlotConfig, Verdict};

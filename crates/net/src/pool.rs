@@ -54,8 +54,10 @@ pub struct SlotPool {
 const RETRY: Duration = Duration::from_secs(2);
 
 impl SlotPool {
-    /// Sets up the host side and starts filling the pool in the background.
+    /// Removes what an earlier run with the same prefix left, sets up the host side and starts
+    /// filling the pool in the background.
     pub fn start(config: PoolConfig) -> Result<Self, NetError> {
+        crate::sweep::sweep(&config)?;
         let host = HostNet::ensure(&config)?;
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
@@ -78,6 +80,53 @@ impl SlotPool {
         let slot = self.inner.lock().ready.pop_front();
         self.inner.wake.notify_one();
         slot
+    }
+
+    /// A ready slot, or one built now when none is (a burst of creates outran the refill, or
+    /// the pool keeps none ready). Fails when the pool is shut down or at its `max`.
+    pub async fn take_or_create(&self) -> Result<Slot, NetError> {
+        if let Some(slot) = self.take() {
+            return Ok(slot);
+        }
+        let index = {
+            let mut st = self.inner.lock();
+            let why = if st.closed {
+                Some("the pool is shut down")
+            } else if st.live >= self.inner.config.max {
+                Some("the pool is at its maximum number of slots")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(NetError::new(
+                    format!("{}-*", self.inner.config.prefix),
+                    crate::error::Step::Config,
+                    crate::error::Cause::Other(why.into()),
+                ));
+            }
+            st.live += 1;
+            match st.free.pop() {
+                Some(i) => i,
+                None => {
+                    st.next += 1;
+                    st.next - 1
+                }
+            }
+        };
+        let made = match self.inner.config.slot(index) {
+            Some(config) => Slot::create(config).await,
+            None => Err(NetError::new(
+                format!("{}-{index}", self.inner.config.prefix),
+                crate::error::Step::Config,
+                crate::error::Cause::Other("the pool's range has no room for it".into()),
+            )),
+        };
+        if made.is_err() {
+            let mut st = self.inner.lock();
+            st.live = st.live.saturating_sub(1);
+            st.free.push(index);
+        }
+        made
     }
 
     /// How many slots are ready.

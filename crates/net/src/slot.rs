@@ -187,7 +187,7 @@ async fn stand_in(c: &SlotConfig, inner: &Handle, guest_ns: &str) -> Result<(), 
 
 /// Removes the host veth (its peer goes with it) and the namespace (and with it the TAP and the
 /// slot's table). Every step runs even if an earlier one failed; the first error is returned.
-async fn teardown(c: &SlotConfig) -> Result<(), NetError> {
+pub(crate) async fn teardown(c: &SlotConfig) -> Result<(), NetError> {
     let ns = c.netns.as_str();
     let mut first: Option<NetError> = None;
     let mut keep = |r: Result<(), NetError>| {

@@ -80,6 +80,7 @@ fn template() -> &'static TemplateSnapshot {
                     commands: vec!["echo prepared > /etc/firkin-prepared".into()],
                     budget: budget(),
                     accel: detect_accel(),
+                    slots: None,
                 };
                 let (snap, samples) = firkin_runtime::qemu::build_template(
                     &assets,
@@ -538,6 +539,7 @@ async fn no_agent_answers_another_guest_without_its_token() {
         firkin_vmm::RestoreRequest {
             run_dir: sandboxes.join("pending"),
             guest_ports: GUEST_PORTS.to_vec(),
+            net: firkin_vmm::NetAttach::User,
             ready: Some(envd_ready(Duration::from_secs(60))),
         },
     )

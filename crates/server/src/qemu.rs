@@ -18,6 +18,9 @@ pub struct QemuTemplateBuilder {
     accel: AccelDecision,
     cache: Arc<DigestCache>,
     fingerprint: OnceLock<Option<String>>,
+    /// Network slots templates are booted in (so that they restore onto TAPs); `None`:
+    /// user-mode networking.
+    slots: Option<firkin_net::SlotPool>,
 }
 
 impl QemuTemplateBuilder {
@@ -27,7 +30,15 @@ impl QemuTemplateBuilder {
             accel,
             cache,
             fingerprint: OnceLock::new(),
+            slots: None,
         }
+    }
+
+    /// Boots templates in network slots from `slots`, as the sandboxes of a server with
+    /// per-sandbox networks run.
+    pub fn with_slots(mut self, slots: firkin_net::SlotPool) -> Self {
+        self.slots = Some(slots);
+        self
     }
 }
 
@@ -46,6 +57,7 @@ impl TemplateBuilder for QemuTemplateBuilder {
             commands: request.commands.clone(),
             budget: request.budget,
             accel: self.accel.clone(),
+            slots: self.slots.clone(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let forward = {
@@ -77,6 +89,9 @@ impl TemplateBuilder for QemuTemplateBuilder {
     fn guest_fingerprint(&self) -> Option<String> {
         self.fingerprint
             .get_or_init(|| match self.assets.fingerprint(&self.cache, self.accel.accel) {
+                // A template snapshotted on a TAP restores only onto one (and a user-mode one
+                // only onto user-mode): the network is part of what makes builds equal.
+                Ok(f) if self.slots.is_some() => Some(format!("{f}+net=tap")),
                 Ok(f) => Some(f),
                 Err(err) => {
                     // Without it any finished build is adopted, as before fingerprints.

@@ -83,6 +83,7 @@ fn main() {
             let req = RestoreRequest {
                 run_dir: f.dir.join(format!("bench-clone-{i}")),
                 guest_ports: vec![common::AGENT_PORT],
+                net: firkin_vmm::NetAttach::User,
                 ready: Some(common::agent_ready(Duration::from_secs(60))),
             };
             let t = Instant::now();
@@ -101,6 +102,7 @@ fn main() {
             let req = RestoreRequest {
                 run_dir: f.dir.join(format!("bench-mem-{i}")),
                 guest_ports: vec![common::AGENT_PORT],
+                net: firkin_vmm::NetAttach::User,
                 ready: Some(common::agent_ready(Duration::from_secs(60))),
             };
             clones.push(Vm::restore(&snap, req).await.expect("restore"));

@@ -14,7 +14,7 @@ use crate::error::{Result, VmmError};
 
 /// QEMU's seccomp sandbox: no obsolete syscalls, no setuid, no fork/exec, no cgroup changes.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
-/// The id of the guest's user-mode (slirp) network; forwards added at run time name it.
+/// The id of the guest's network backend; slirp forwards added at run time name it.
 pub const NETDEV: &str = "net0";
 /// fd number at which QEMU finds its end of the QMP socketpair.
 pub const QMP_FD: i32 = 3;
@@ -81,6 +81,56 @@ pub struct MachineConfig {
     /// is read at boot), so a snapshot records whether it had one.
     #[serde(default)]
     pub guest_secret: bool,
+    /// What the guest NIC is attached to. Part of the snapshot: QEMU's migration stream
+    /// carries a `slirp` section for a user-mode network, so a snapshot restores only onto
+    /// the kind it was taken with. Snapshots from before this field were user-mode.
+    #[serde(default)]
+    pub net: NetKind,
+}
+
+/// The kind of network a machine's NIC is attached to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetKind {
+    /// QEMU's user-mode network (slirp), reached through host loopback forwards.
+    #[default]
+    User,
+    /// A TAP device prepared by the caller in a network namespace of its own.
+    Tap,
+}
+
+impl std::fmt::Display for NetKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NetKind::User => "user-mode (slirp)",
+            NetKind::Tap => "TAP",
+        })
+    }
+}
+
+/// Where one QEMU's NIC is attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetAttach {
+    /// A user-mode network; each of the request's guest ports gets a host loopback forward.
+    User,
+    /// The persistent TAP `ifname` in the network namespace bound at `netns` (for example
+    /// `/run/netns/fk-3`); QEMU is started inside that namespace. The host reaches every guest
+    /// port at `reach` (an address the namespace's NAT maps to the guest), so nothing of the
+    /// VM listens on the host.
+    Tap {
+        netns: PathBuf,
+        ifname: String,
+        reach: std::net::Ipv4Addr,
+    },
+}
+
+impl NetAttach {
+    pub fn kind(&self) -> NetKind {
+        match self {
+            NetAttach::User => NetKind::User,
+            NetAttach::Tap { .. } => NetKind::Tap,
+        }
+    }
 }
 
 /// The fw_cfg file name of the per-VM secret.
@@ -110,6 +160,7 @@ impl MachineConfig {
             rng: true,
             mac: "52:54:00:12:34:56".into(),
             guest_secret: true,
+            net: NetKind::User,
         }
     }
 }
@@ -155,8 +206,10 @@ pub struct Launch {
     /// The root disk as a backing chain, top (the writable one) first. Every layer is given
     /// explicitly, so the backing paths recorded inside qcow2 headers are never followed.
     pub disk: Vec<DiskLayer>,
-    /// Host loopback port → guest port.
+    /// Host loopback port → guest port (user-mode network only).
     pub forwards: Vec<(u16, u16)>,
+    /// The TAP the NIC opens by name, in the namespace QEMU runs in; `None`: user-mode.
+    pub tap: Option<String>,
     /// Serial console log.
     pub console_log: PathBuf,
     /// Start with `-incoming defer` (then `migrate-incoming`). Such a QEMU gets no `-kernel`,
@@ -243,10 +296,30 @@ pub fn qemu_args(m: &MachineConfig, l: &Launch) -> Result<Vec<OsString>> {
         push(&["-device", "virtio-blk-device,drive=disk0"]);
     }
 
-    let mut netdev = format!("user,id={NETDEV}");
-    for (host, guest) in &l.forwards {
-        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
-    }
+    let netdev = match (&l.tap, m.net) {
+        (None, NetKind::User) => {
+            let mut netdev = format!("user,id={NETDEV}");
+            for (host, guest) in &l.forwards {
+                netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+            }
+            netdev
+        }
+        // No helper scripts: the TAP exists already, configured by whoever made it, and
+        // `-sandbox spawn=deny` would refuse to run them anyway.
+        (Some(tap), NetKind::Tap) if l.forwards.is_empty() => {
+            format!("tap,id={NETDEV},ifname={tap},script=no,downscript=no")
+        }
+        (tap, kind) => {
+            return Err(VmmError::NetMismatch {
+                machine: kind,
+                launch: if tap.is_some() {
+                    NetKind::Tap
+                } else {
+                    NetKind::User
+                },
+            });
+        }
+    };
     push(&["-netdev", &netdev]);
     push(&[
         "-device",
@@ -324,6 +397,7 @@ mod tests {
                 },
             ],
             forwards: vec![(40001, 8080), (40002, 9000)],
+            tap: None,
             console_log: "/run/vm1/console.log".into(),
             incoming: true,
             paused: false,
@@ -393,6 +467,49 @@ mod tests {
                 "user,id=net0,hostfwd=tcp:127.0.0.1:40001-:8080,hostfwd=tcp:127.0.0.1:40002-:9000"
             ]
         );
+    }
+
+    #[test]
+    fn a_tap_machine_opens_its_tap_and_refuses_forwards_or_a_mismatch() {
+        let mut m = machine();
+        m.net = NetKind::Tap;
+        let mut l = launch();
+        l.forwards.clear();
+        l.tap = Some("tap0".into());
+        assert_eq!(
+            value_of(&args(&m, &l), "-netdev"),
+            vec!["tap,id=net0,ifname=tap0,script=no,downscript=no"]
+        );
+        l.forwards = vec![(40001, 8080)];
+        assert!(matches!(
+            qemu_args(&m, &l),
+            Err(VmmError::NetMismatch { .. })
+        ));
+        // A user-mode snapshot cannot be restored onto a TAP, nor the other way round.
+        let err = qemu_args(
+            &machine(),
+            &Launch {
+                forwards: Vec::new(),
+                ..l.clone()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VmmError::NetMismatch {
+                    machine: NetKind::User,
+                    launch: NetKind::Tap
+                }
+            ),
+            "{err}"
+        );
+        l.tap = None;
+        l.forwards.clear();
+        assert!(matches!(
+            qemu_args(&m, &l),
+            Err(VmmError::NetMismatch { .. })
+        ));
     }
 
     #[test]

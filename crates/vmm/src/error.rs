@@ -78,6 +78,19 @@ pub enum VmmError {
     BadSnapshot { path: PathBuf, why: String },
     #[error("{what} timed out after {ms} ms")]
     Timeout { what: String, ms: u128 },
+    #[error(
+        "the machine's network is {machine} but the launch attaches {launch}: a snapshot \
+         restores only onto the kind of network it was taken with"
+    )]
+    NetMismatch {
+        machine: crate::cmdline::NetKind,
+        launch: crate::cmdline::NetKind,
+    },
+    #[error("opening network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("path {0} is not UTF-8 (QEMU option strings need text)")]
     NonUtf8Path(PathBuf),
     #[error("the machine gives its guest a secret, but the launch names no secret file")]

@@ -19,7 +19,8 @@ mod vm;
 
 pub use accel::{Accel, AccelDecision};
 pub use cmdline::{
-    DiskFormat, DiskLayer, GUEST_SECRET_FW_CFG, GUEST_SECRET_LEN, Launch, MachineConfig,
+    DiskFormat, DiskLayer, GUEST_SECRET_FW_CFG, GUEST_SECRET_LEN, Launch, MachineConfig, NetAttach,
+    NetKind,
 };
 pub use error::{Result, VmmError};
 pub use process::ExitInfo;

@@ -45,6 +45,7 @@ impl std::fmt::Display for ExitInfo {
 struct SpawnJob {
     cmd: Command,
     inherit: Vec<(OwnedFd, RawFd)>,
+    netns: Option<OwnedFd>,
     reply: oneshot::Sender<io::Result<Child>>,
 }
 
@@ -58,7 +59,7 @@ fn spawner() -> Result<&'static mpsc::Sender<SpawnJob>> {
                 .spawn(move || {
                     // Lives as long as the process: the static sender is never dropped.
                     for mut job in rx {
-                        let res = crate::sys::configure_child(&mut job.cmd, job.inherit)
+                        let res = crate::sys::configure_child(&mut job.cmd, job.inherit, job.netns)
                             .and_then(|()| job.cmd.spawn());
                         let _ = job.reply.send(res);
                     }
@@ -130,7 +131,18 @@ fn exit_info(status: WaitStatus) -> ExitInfo {
 }
 
 /// Spawns `cmd` from the dedicated spawner thread, passing `inherit` fds at the given numbers.
-pub async fn spawn(mut cmd: Command, inherit: Vec<(OwnedFd, RawFd)>) -> Result<ChildHandle> {
+pub async fn spawn(cmd: Command, inherit: Vec<(OwnedFd, RawFd)>) -> Result<ChildHandle> {
+    spawn_in(cmd, inherit, None).await
+}
+
+/// [`spawn`], with the child entering the network namespace `netns` (an open
+/// `/run/netns/<name>` or `/proc/<pid>/ns/net`) before it execs; this process and its
+/// threads stay where they are.
+pub async fn spawn_in(
+    mut cmd: Command,
+    inherit: Vec<(OwnedFd, RawFd)>,
+    netns: Option<OwnedFd>,
+) -> Result<ChildHandle> {
     let program = std::path::PathBuf::from(cmd.get_program());
     cmd.stdin(std::process::Stdio::null());
     let (reply, rx) = oneshot::channel();
@@ -138,6 +150,7 @@ pub async fn spawn(mut cmd: Command, inherit: Vec<(OwnedFd, RawFd)>) -> Result<C
         .send(SpawnJob {
             cmd,
             inherit,
+            netns,
             reply,
         })
         .map_err(|_| VmmError::SpawnerGone)?;

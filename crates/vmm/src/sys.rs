@@ -29,7 +29,11 @@ fn dup_high(fd: &OwnedFd) -> io::Result<OwnedFd> {
 /// delivers the parent-death signal when the forking *thread* exits. The only `pre_exec`
 /// of the VMM, the runtime and the server: every child process they start (QEMU, host-mode
 /// agents) goes through `process::spawn`.
-pub(crate) fn configure_child(cmd: &mut Command, inherit: Vec<(OwnedFd, RawFd)>) -> io::Result<()> {
+pub(crate) fn configure_child(
+    cmd: &mut Command,
+    inherit: Vec<(OwnedFd, RawFd)>,
+    netns: Option<OwnedFd>,
+) -> io::Result<()> {
     let parent = std::process::id() as libc::pid_t;
     let high: Vec<(OwnedFd, RawFd)> = inherit
         .iter()
@@ -37,13 +41,22 @@ pub(crate) fn configure_child(cmd: &mut Command, inherit: Vec<(OwnedFd, RawFd)>)
         .collect::<io::Result<_>>()?;
     drop(inherit);
     let pairs: Vec<(RawFd, RawFd)> = high.iter().map(|(fd, t)| (fd.as_raw_fd(), *t)).collect();
+    let netns_fd: Option<RawFd> = netns.as_ref().map(AsRawFd::as_raw_fd);
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (prctl, getppid, dup2); it allocates nothing (`pairs` was
-    // built before the fork) and touches no locks.
+    // async-signal-safe system calls (prctl, getppid, setns, dup2); it allocates nothing
+    // (`pairs` was built before the fork) and touches no locks.
     unsafe {
         cmd.pre_exec(move || {
             // Keep the duplicates alive (and so valid) until the child has copied them.
-            let _keep = &high;
+            let _keep = (&high, &netns);
+            // Only the child moves into the sandbox's network namespace: its sockets and the
+            // TAP it opens by name are the namespace's. The fd was opened (close-on-exec)
+            // before the fork, so nothing is looked up here.
+            if let Some(fd) = netns_fd
+                && libc::setns(fd, libc::CLONE_NEWNET) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }

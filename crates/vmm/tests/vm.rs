@@ -21,6 +21,7 @@ fn restore_request(name: &str) -> RestoreRequest {
             .join("clones")
             .join(format!("{name}-{}", std::process::id())),
         guest_ports: vec![AGENT_PORT],
+        net: firkin_vmm::NetAttach::User,
         ready: Some(agent_ready(Duration::from_secs(120))),
     }
 }
@@ -199,6 +200,7 @@ fn helper_owner_process() {
         let req = RestoreRequest {
             run_dir: std::path::PathBuf::from(std::env::var("FIRKIN_TEST_RUN_DIR").unwrap()),
             guest_ports: vec![AGENT_PORT],
+            net: firkin_vmm::NetAttach::User,
             ready: Some(agent_ready(Duration::from_secs(120))),
         };
         let vm = Vm::restore(&snap, req).await.expect("helper restore");
@@ -359,6 +361,7 @@ fn base_template_with_real_envd_boots_snapshots_and_restores() {
             ram_path: dir.join("ram.img"),
             disk,
             guest_ports: vec![AGENT_PORT],
+            net: firkin_vmm::NetAttach::User,
             ready: Some(agent_ready(Duration::from_secs(180))),
         })
         .await

@@ -12,7 +12,10 @@ use tokio::sync::{Mutex, watch};
 use crate::paths::unique_run_dir;
 use crate::restore::{SnapshotRestoreRequest, SnapshotSessionLauncher};
 use crate::service::SNAPSHOT_DESCRIPTOR;
-use crate::session::{ContinuationSaved, EnvdInit, SandboxSession};
+use crate::session::{ContinuationSaved, EgressPolicy, EnvdInit, SandboxSession};
+use firkin_net::SlotPool;
+
+use super::net::SlotLease;
 
 use super::component;
 use super::ready::{GUEST_PORTS, envd_addr, envd_ready};
@@ -37,6 +40,16 @@ pub enum QemuError {
          added (each forward is a listening host socket in its QEMU)"
     )]
     TooManyPorts { port: u16, max: usize },
+    #[error(
+        "snapshot {artifact} was taken on a {kind} network, which this server does not give \
+         sandboxes (`firkin serve --network`); rebuild the template under this server"
+    )]
+    NetworkKind {
+        artifact: PathBuf,
+        kind: firkin_vmm::NetKind,
+    },
+    #[error(transparent)]
+    Net(Box<firkin_net::NetError>),
     #[error(
         "template snapshot {artifact} was booted without a per-VM secret (firkin before access \
          tokens on every restore): its clones would answer anyone until their first /init; \
@@ -65,6 +78,8 @@ pub const MAX_PORT_FORWARDS: usize = 64;
 pub struct QemuLauncher {
     sandboxes_dir: PathBuf,
     cache: Arc<DigestCache>,
+    /// Network slots, one per sandbox; `None`: user-mode networking.
+    slots: Option<SlotPool>,
     health_timeout: Duration,
     stop_timeout: Duration,
 }
@@ -74,8 +89,25 @@ impl QemuLauncher {
         Self {
             sandboxes_dir: sandboxes_dir.into(),
             cache,
+            slots: None,
             health_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Gives every sandbox a network slot from `slots` (templates must then be snapshotted
+    /// on a TAP too: see [`crate::qemu::TemplateBuild::slots`]).
+    pub fn with_slots(mut self, slots: SlotPool) -> Self {
+        self.slots = Some(slots);
+        self
+    }
+
+    /// The kind of network this launcher's sandboxes get.
+    pub fn net_kind(&self) -> firkin_vmm::NetKind {
+        if self.slots.is_some() {
+            firkin_vmm::NetKind::Tap
+        } else {
+            firkin_vmm::NetKind::User
         }
     }
 
@@ -134,17 +166,41 @@ impl SnapshotSessionLauncher for QemuLauncher {
             });
         }
         self.verify_lower_layers(&snap)?;
-        let vm = Vm::restore(
+        if snap.machine.net != self.net_kind() {
+            return Err(QemuError::NetworkKind {
+                artifact: sealed.dir().to_path_buf(),
+                kind: snap.machine.net,
+            });
+        }
+        let slot = match &self.slots {
+            Some(pool) => Some(
+                SlotLease::take(pool)
+                    .await
+                    .map_err(|e| QemuError::Net(Box::new(e)))?,
+            ),
+            None => None,
+        };
+        let restored = Vm::restore(
             &snap,
             RestoreRequest {
                 run_dir: unique_run_dir(&self.sandboxes_dir, "vm"),
                 guest_ports: GUEST_PORTS.to_vec(),
+                net: super::net::attach(slot.as_ref()),
                 ready: Some(envd_ready(self.health_timeout)),
             },
         )
-        .await?;
+        .await;
+        let vm = match restored {
+            Ok(vm) => vm,
+            Err(e) => {
+                if let Some(lease) = slot {
+                    lease.release().await;
+                }
+                return Err(e.into());
+            }
+        };
         tracing::debug!(pid = vm.pid(), timings = ?vm.timings(), "restored");
-        let session = QemuSession::new(vm, self.stop_timeout)?;
+        let session = QemuSession::new(vm, self.stop_timeout)?.with_slot(slot);
         // A clone of a template takes its own MAC address at its first /init; a resumed
         // sandbox keeps the one it had, and its agent still holds the sandbox's token.
         Ok(match kind {
@@ -168,6 +224,9 @@ pub struct QemuSession {
     stop_timeout: Duration,
     /// The MAC address every `/init` gives the guest, if it should change from the snapshot's.
     mac: Option<String>,
+    /// The sandbox's network slot and the pool it goes back to; `None` on user-mode networking
+    /// and once released.
+    slot: Mutex<Option<SlotLease>>,
     /// What the agent accepts as its token now: the VM's secret (which QEMU gave this guest
     /// alone) until an `/init` sets the sandbox's token. `None`: the token the next `/init`
     /// carries (a resumed sandbox's agent already holds it).
@@ -203,7 +262,22 @@ impl QemuSession {
             stop_timeout,
             mac: None,
             auth: std::sync::Mutex::new(vm_secret),
+            slot: Mutex::new(None),
         })
+    }
+
+    /// Hands the session the network slot its VM runs in; it is released when the VM stops.
+    pub(crate) fn with_slot(mut self, slot: Option<SlotLease>) -> Self {
+        *self.slot.get_mut() = slot;
+        self
+    }
+
+    /// Gives the slot back to its pool (which destroys it); after the VM has exited.
+    async fn release_slot(&self) {
+        let taken = self.slot.lock().await.take();
+        if let Some(lease) = taken {
+            lease.release().await;
+        }
     }
 
     /// The agent already holds the token that the first `/init` will carry (a resumed sandbox).
@@ -342,9 +416,25 @@ impl SandboxSession for QemuSession {
         );
     }
 
+    async fn set_egress(&self, policy: &EgressPolicy) -> Result<bool, QemuError> {
+        let mut slot = self.slot.lock().await;
+        match slot.as_mut() {
+            Some(lease) => {
+                lease
+                    .set_policy(policy.clone())
+                    .await
+                    .map_err(|e| QemuError::Net(Box::new(e)))?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     async fn save_continuation(&self, dir: &Path) -> Result<ContinuationSaved, QemuError> {
         let vm = self.vm.lock().await.take().ok_or(QemuError::Stopped)?;
-        let snap = vm.save_continuation(dir).await?;
+        let saved = vm.save_continuation(dir).await;
+        self.release_slot().await;
+        let snap = saved?;
         let mut components = vec![
             (
                 component::VM.to_owned(),
@@ -378,11 +468,16 @@ impl SandboxSession for QemuSession {
         let vm = self.vm.lock().await.take();
         match vm {
             Some(vm) => {
-                let exit = vm.stop(self.stop_timeout).await?;
+                let stopped = vm.stop(self.stop_timeout).await;
+                self.release_slot().await;
+                let exit = stopped?;
                 tracing::debug!(pid = self.pid, %exit, "sandbox VM stopped");
                 Ok(())
             }
-            None => Ok(()),
+            None => {
+                self.release_slot().await;
+                Ok(())
+            }
         }
     }
 

@@ -8,6 +8,7 @@
 
 mod assets;
 mod launcher;
+mod net;
 mod ready;
 mod template;
 

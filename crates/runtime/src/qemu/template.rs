@@ -16,6 +16,7 @@ use crate::{DEFAULT_RESTORE_DISK_FLOOR, samples::BenchmarkSample};
 
 use super::assets::GuestAssets;
 use super::component;
+use super::net::SlotLease;
 use super::ready::{GUEST_PORTS, envd_addr, envd_ready};
 
 /// What to build.
@@ -31,6 +32,10 @@ pub struct TemplateBuild {
     /// vCPUs, guest RAM and disk size of every sandbox of this template.
     pub budget: ResourceBudget,
     pub accel: AccelDecision,
+    /// Network slots: the template is booted (and so snapshotted) on a TAP in one, as every
+    /// sandbox of a server with slots runs. `None`: user-mode networking. A snapshot restores
+    /// only onto the kind of network it was taken with.
+    pub slots: Option<firkin_net::SlotPool>,
 }
 
 /// Progress of a build, for progress bars and build logs.
@@ -60,6 +65,8 @@ pub enum TemplateBuildError {
     },
     #[error("marking the template's processes failed: {0}")]
     Mark(String),
+    #[error("preparing the template's network slot failed: {0}")]
+    Net(#[source] Box<firkin_net::NetError>),
     #[error("a build task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
     #[error("describing the template's machine failed: {0}")]
@@ -172,12 +179,24 @@ async fn build_inner(
         .unwrap_or(u32::MAX)
         .max(128);
     let boot_started = Instant::now();
+    let slot = match &build.slots {
+        Some(pool) => {
+            machine.net = firkin_vmm::NetKind::Tap;
+            Some(
+                SlotLease::take(pool)
+                    .await
+                    .map_err(|e| TemplateBuildError::Net(Box::new(e)))?,
+            )
+        }
+        None => None,
+    };
     let vm = Vm::cold_boot(BootRequest {
         machine,
         run_dir: dir.join("run"),
         ram_path: dir.join(firkin_vmm::RAM_FILE),
         disk: disk.clone(),
         guest_ports: GUEST_PORTS.to_vec(),
+        net: super::net::attach(slot.as_ref()),
         ready: Some(envd_ready(BOOT_TIMEOUT)),
     })
     .await?;
@@ -249,7 +268,11 @@ async fn build_inner(
 
     // 5. Snapshot into the build directory.
     phase(events, "snapshot", 0.88);
-    let snap = vm.snapshot_template(dir).await?;
+    let snap = vm.snapshot_template(dir).await;
+    if let Some(lease) = slot {
+        lease.release().await;
+    }
+    let snap = snap?;
     let _ = std::fs::remove_dir_all(dir.join("scratch"));
 
     // 6. Seal. Waiting out the digest cache's racy window first means the hashes computed here

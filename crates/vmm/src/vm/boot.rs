@@ -6,7 +6,7 @@ use std::time::Instant;
 use super::ready::{ReadyCheck, check_forwards};
 use super::spawn::{guest_secret, spawn_with_ports};
 use super::{CONSOLE_LOG, Vm, ms};
-use crate::cmdline::{DiskFormat, DiskLayer, Launch, MachineConfig};
+use crate::cmdline::{DiskFormat, DiskLayer, Launch, MachineConfig, NetAttach};
 use crate::error::{Result, VmmError};
 
 /// A cold boot of a template.
@@ -19,8 +19,11 @@ pub struct BootRequest {
     pub ram_path: PathBuf,
     /// The template's root disk, raw, written in place.
     pub disk: PathBuf,
-    /// Guest TCP ports each given a fresh host loopback port ([`Vm::forward`]).
+    /// Guest TCP ports each given a fresh host loopback port ([`Vm::forward`]) on a
+    /// user-mode network; on a TAP every port is reachable and this is not used.
     pub guest_ports: Vec<u16>,
+    /// What the NIC is attached to; must be the machine's kind of network.
+    pub net: NetAttach,
     /// What "booted" means to the caller; `None` returns as soon as QEMU runs.
     pub ready: Option<ReadyCheck>,
 }
@@ -41,14 +44,20 @@ impl Vm {
                 format: DiskFormat::Raw,
             }],
             forwards: Vec::new(),
+            tap: None,
             console_log: req.run_dir.join(CONSOLE_LOG),
             incoming: false,
             paused: false,
             secret_file,
         };
-        let mut vm = spawn_with_ports(&req.machine, &req.run_dir, &base, &req.guest_ports, || {
-            Ok(None)
-        })
+        let mut vm = spawn_with_ports(
+            &req.machine,
+            &req.run_dir,
+            &base,
+            &req.net,
+            &req.guest_ports,
+            || Ok(None),
+        )
         .await?
         .into_vm(req.machine, req.run_dir, secret);
         if let Some(ready) = &req.ready {

@@ -13,7 +13,10 @@ use super::{
     CONSOLE_LOG, CONTINUATION_DISK_FILE, MIGRATION_TIMEOUT, OVERLAY_FILE, QUIT_TIMEOUT, RAM_FILE,
     STATE_FILE, Vm, ms,
 };
-use crate::cmdline::{DiskFormat, DiskLayer, Launch};
+use crate::cmdline::{DiskFormat, DiskLayer, Launch, NetAttach};
+
+/// The transient TAP a continuation helper opens in the sandbox's namespace.
+const SAVER_TAP: &str = "tapsave";
 use crate::error::{Result, VmmError};
 
 impl Vm {
@@ -51,18 +54,32 @@ impl Vm {
         // The helper runs no guest code (it is migrated into, paused, and saved), but its
         // devices must match, fw_cfg file included.
         let (_, helper_secret) = guest_secret(&self.machine, &helper_dir)?.unzip();
+        // On a TAP network the helper gets a TAP of its own in the sandbox's namespace (the
+        // clone still holds `tap0`), which QEMU creates and removes itself: it never runs, but
+        // the guest negotiated the TAP's offloads, and a NIC without them refuses the state.
+        let (helper_tap, helper_netns) = match &self.net {
+            NetAttach::Tap { netns, .. } => (Some(SAVER_TAP.to_owned()), Some(netns.clone())),
+            NetAttach::User => (None, None),
+        };
         let helper_launch = Launch {
             ram_path: ram.clone(),
             ram_shared: true,
             disk: helper_disk,
             forwards: vec![],
+            tap: helper_tap,
             console_log: helper_dir.join(CONSOLE_LOG),
             incoming: true,
             paused: true,
             secret_file: helper_secret,
         };
-        let (helper_child, helper_qmp) =
-            launch_qemu(&self.machine, &helper_launch, &helper_dir, None).await?;
+        let (helper_child, helper_qmp) = launch_qemu(
+            &self.machine,
+            &helper_launch,
+            &helper_dir,
+            None,
+            helper_netns.as_deref(),
+        )
+        .await?;
         let helper = Vm {
             machine: self.machine.clone(),
             launch: helper_launch,
@@ -70,6 +87,7 @@ impl Vm {
             child: helper_child,
             qmp: helper_qmp,
             forwards: Vec::new(),
+            net: NetAttach::User,
             timings: RestoreTimings::default(),
             secret: None,
             owns_run_dir: false,

@@ -22,6 +22,7 @@ impl Vm {
     /// guest port is not checked: slirp accepts on the host side and connects to the guest
     /// per connection.
     pub async fn add_forward(&mut self, guest_port: u16) -> Result<SocketAddr> {
+        // On a TAP network every port is reachable already.
         if let Some(addr) = self.forward(guest_port) {
             return Ok(addr);
         }

@@ -73,6 +73,9 @@ pub struct Vm {
     /// Guest port → host loopback address forwarded to it: the launch's, in the order the
     /// caller gave, then those added at run time ([`Vm::add_forward`]).
     forwards: Vec<(u16, SocketAddr)>,
+    /// What the NIC is attached to (on a TAP: the namespace QEMU runs in and the address at
+    /// which the host reaches every guest port).
+    net: cmdline::NetAttach,
     timings: RestoreTimings,
     /// The secret this QEMU gives its guest (see [`MachineConfig::guest_secret`]).
     secret: Option<String>,
@@ -189,16 +192,29 @@ impl Vm {
         self.child.pid()
     }
 
-    /// The host loopback address forwarded to `guest_port`, if the request asked for it or it
-    /// was added since.
+    /// The host address that reaches `guest_port`: on a TAP network every port's, on a
+    /// user-mode network the loopback forward if the request asked for it or it was added
+    /// since.
     pub fn forward(&self, guest_port: u16) -> Option<SocketAddr> {
+        if let Some(ip) = self.reach() {
+            return Some(SocketAddr::from((ip, guest_port)));
+        }
         self.forwards
             .iter()
             .find(|(guest, _)| *guest == guest_port)
             .map(|&(_, host)| host)
     }
 
-    /// Every forward as (guest port, host loopback address), in the request's order.
+    /// On a TAP network, the address at which the host reaches every guest port.
+    pub fn reach(&self) -> Option<std::net::Ipv4Addr> {
+        match &self.net {
+            cmdline::NetAttach::Tap { reach, .. } => Some(*reach),
+            cmdline::NetAttach::User => None,
+        }
+    }
+
+    /// Every loopback forward as (guest port, host address), in the request's order; empty on
+    /// a TAP network.
     pub fn forwards(&self) -> &[(u16, SocketAddr)] {
         &self.forwards
     }

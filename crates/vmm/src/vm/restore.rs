@@ -11,7 +11,7 @@ use super::ready::{ReadyCheck, check_forwards};
 use super::snapshot::Snapshot;
 use super::spawn::{guest_secret, spawn_with_ports};
 use super::{CONSOLE_LOG, MIGRATION_TIMEOUT, OVERLAY_FILE, Vm, ms};
-use crate::cmdline::{DiskFormat, DiskLayer, Launch, STATE_FD};
+use crate::cmdline::{DiskFormat, DiskLayer, Launch, NetAttach, STATE_FD};
 use crate::error::{Result, VmmError};
 
 /// A restore of a snapshot into a new VM.
@@ -19,8 +19,11 @@ use crate::error::{Result, VmmError};
 pub struct RestoreRequest {
     /// Per-VM directory (created if missing); holds the clone's qcow2 overlay.
     pub run_dir: PathBuf,
-    /// Guest TCP ports each given a fresh host loopback port ([`Vm::forward`]).
+    /// Guest TCP ports each given a fresh host loopback port ([`Vm::forward`]) on a
+    /// user-mode network; on a TAP every port is reachable and this is not used.
     pub guest_ports: Vec<u16>,
+    /// What the NIC is attached to; must be the machine's kind of network.
+    pub net: NetAttach,
     /// What "resumed" means to the caller, checked after `cont`; `None` returns right after
     /// `cont`.
     pub ready: Option<ReadyCheck>,
@@ -68,6 +71,7 @@ impl Vm {
             ram_shared: false,
             disk,
             forwards: Vec::new(),
+            tap: None,
             console_log: req.run_dir.join(CONSOLE_LOG),
             incoming: true,
             paused: false,
@@ -83,6 +87,7 @@ impl Vm {
             &snapshot.machine,
             &req.run_dir,
             &base,
+            &req.net,
             &req.guest_ports,
             open_state,
         )

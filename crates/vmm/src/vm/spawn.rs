@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{QEMU_LOG, RestoreTimings, SECRET_FILE, Vm, log_tail};
-use crate::cmdline::{self, GUEST_SECRET_LEN, Launch, MachineConfig, QMP_FD, STATE_FD};
+use crate::cmdline::{self, GUEST_SECRET_LEN, Launch, MachineConfig, NetAttach, QMP_FD, STATE_FD};
 use crate::error::{Result, VmmError};
 use crate::process::{self, ChildHandle, ExitInfo};
 use crate::qmp::Qmp;
@@ -54,6 +54,7 @@ pub(super) async fn launch_qemu(
     launch: &Launch,
     run_dir: &Path,
     state_fd: Option<OwnedFd>,
+    netns: Option<&Path>,
 ) -> Result<(ChildHandle, Qmp)> {
     let args = cmdline::qemu_args(machine, launch)?;
     tracing::debug!(cmdline = %cmdline::render(&machine.qemu, &args), "starting QEMU");
@@ -73,7 +74,16 @@ pub(super) async fn launch_qemu(
     if let Some(fd) = state_fd {
         inherit.push((fd, STATE_FD));
     }
-    let child = process::spawn(cmd, inherit).await?;
+    let netns = match netns {
+        Some(path) => Some(OwnedFd::from(std::fs::File::open(path).map_err(
+            |source| VmmError::Netns {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?)),
+        None => None,
+    };
+    let child = process::spawn_in(cmd, inherit, netns).await?;
     match Qmp::connect(child.pid(), ours).await {
         Ok(qmp) => Ok((child, qmp)),
         Err(e) => {
@@ -115,8 +125,9 @@ pub(super) struct Spawned {
     pub launch: Launch,
     pub child: ChildHandle,
     pub qmp: Qmp,
-    /// Guest port → host loopback address, in the caller's order.
+    /// Guest port → host loopback address, in the caller's order (user-mode network).
     pub forwards: Vec<(u16, SocketAddr)>,
+    pub net: NetAttach,
 }
 
 impl Spawned {
@@ -129,6 +140,7 @@ impl Spawned {
             child: self.child,
             qmp: self.qmp,
             forwards: self.forwards,
+            net: self.net,
             timings: RestoreTimings::default(),
             secret,
             owns_run_dir: true,
@@ -136,15 +148,45 @@ impl Spawned {
     }
 }
 
-/// Spawns `base` with a fresh loopback port forwarded to each of `guest_ports`, retrying when
-/// another process took a port between our probe and QEMU's bind.
+/// Spawns `base` attached to `net`: on a TAP, inside its namespace; on a user-mode network, with
+/// a fresh loopback port forwarded to each of `guest_ports`, retrying when another process took
+/// a port between our probe and QEMU's bind.
 pub(super) async fn spawn_with_ports(
     machine: &MachineConfig,
     run_dir: &Path,
     base: &Launch,
+    net: &NetAttach,
     guest_ports: &[u16],
     state_fd: impl Fn() -> Result<Option<OwnedFd>>,
 ) -> Result<Spawned> {
+    if net.kind() != machine.net {
+        return Err(VmmError::NetMismatch {
+            machine: machine.net,
+            launch: net.kind(),
+        });
+    }
+    if let NetAttach::Tap { netns, ifname, .. } = net {
+        let launch = Launch {
+            forwards: Vec::new(),
+            tap: Some(ifname.clone()),
+            ..base.clone()
+        };
+        let (child, qmp) = launch_qemu(
+            machine,
+            &launch,
+            run_dir,
+            state_fd()?,
+            Some(netns.as_path()),
+        )
+        .await?;
+        return Ok(Spawned {
+            launch,
+            child,
+            qmp,
+            forwards: Vec::new(),
+            net: net.clone(),
+        });
+    }
     let mut last = None;
     for _ in 0..3 {
         let hosts = guest_ports
@@ -168,7 +210,7 @@ pub(super) async fn spawn_with_ports(
                 .collect(),
             ..base.clone()
         };
-        match launch_qemu(machine, &launch, run_dir, state_fd()?).await {
+        match launch_qemu(machine, &launch, run_dir, state_fd()?, None).await {
             Ok((child, qmp)) => {
                 let forwards = guest_ports
                     .iter()
@@ -180,6 +222,7 @@ pub(super) async fn spawn_with_ports(
                     child,
                     qmp,
                     forwards,
+                    net: NetAttach::User,
                 });
             }
             Err(VmmError::QemuExited { stderr, .. }) if stderr.contains("host forwarding") => {

@@ -207,6 +207,7 @@ pub fn boot_request(f: &Fixture, name: &str) -> BootRequest {
         ram_path: base.join("ram.img"),
         disk,
         guest_ports: vec![AGENT_PORT],
+        net: firkin_vmm::NetAttach::User,
         ready: Some(agent_ready(Duration::from_secs(180))),
     }
 }

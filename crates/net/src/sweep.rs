@@ -1,0 +1,54 @@
+//! Leftovers of an earlier run: a server killed without its shutdown leaves its slots behind
+//! (namespaces, veths, TAPs). Slot names are derived from the pool's prefix and an index, so
+//! the next pool with that prefix finds them by name and removes them before it builds any.
+
+use crate::config::PoolConfig;
+use crate::error::{Cause, NetError, Step};
+
+/// Indices of the slot namespaces of `pool` that exist now.
+fn leftover_indices(pool: &PoolConfig) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(crate::netns::path("")) else {
+        return Vec::new();
+    };
+    let lead = format!("{}-", pool.prefix);
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(&lead))
+                .and_then(|i| i.parse::<u32>().ok())
+        })
+        .collect()
+}
+
+/// Removes every slot of `pool` left by an earlier run. Blocking: it runs before the pool
+/// exists, on a thread with a runtime of its own, so that no create can race it.
+pub(crate) fn sweep(pool: &PoolConfig) -> Result<usize, NetError> {
+    let leftovers: Vec<_> = leftover_indices(pool)
+        .into_iter()
+        .filter_map(|i| pool.slot(i))
+        .collect();
+    if leftovers.is_empty() {
+        return Ok(0);
+    }
+    let n = leftovers.len();
+    let who = format!("{}-*", pool.prefix);
+    let done = std::thread::spawn(move || -> Result<(), NetError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| NetError::new("sweep", Step::Destroy, e))?;
+        rt.block_on(async {
+            for config in &leftovers {
+                crate::slot::teardown(config).await?;
+            }
+            Ok(())
+        })
+    })
+    .join()
+    .map_err(|_| NetError::new(&who, Step::Destroy, Cause::Other("sweep panicked".into())))?;
+    done?;
+    tracing::info!(slots = n, prefix = %pool.prefix, "removed network slots left by an earlier run");
+    Ok(n)
+}
