@@ -35,6 +35,7 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::domains::DomainSet;
+use crate::nfset::SetWriter;
 use crate::{firewall, netns};
 
 /// Questions one slot may have in flight at once (UDP and TCP together). Past it, UDP
@@ -127,11 +128,13 @@ impl DnsUpstream {
 
 /// What a slot's DNS tasks share with the slot: the domain list the policy allows, and the
 /// addresses already granted (with when their grant runs out), so a repeated lookup does not
-/// run `nft` again. One lock serialises grants and policy changes, so a grant made for the
-/// old policy can never land after the new policy's flush.
+/// write the set again. One lock serialises grants and policy changes, so a grant made for
+/// the old policy can never land after the new policy's flush.
 #[derive(Debug)]
 pub(crate) struct Grants {
     netns: String,
+    /// Made in the slot's namespace; writes its `allow_dns` set from any thread.
+    writer: Arc<SetWriter>,
     state: Mutex<GrantState>,
 }
 
@@ -139,6 +142,8 @@ pub(crate) struct Grants {
 struct GrantState {
     domains: DomainSet,
     granted: HashMap<Ipv4Addr, Instant>,
+    /// Netlink sequence numbers of the grants, so acknowledgements are told apart.
+    seq: u32,
 }
 
 /// Why granting resolved addresses or a policy change failed.
@@ -148,15 +153,21 @@ pub enum GrantError {
     Namespace(#[from] std::io::Error),
     #[error("nftables: {0}")]
     Nft(#[from] nftables::helper::NftablesError),
+    #[error("writing the allow_dns set over netlink: {0}")]
+    Netlink(std::io::Error),
+    #[error("the set writer's thread: {0}")]
+    Join(#[from] tokio::task::JoinError),
 }
 
 impl Grants {
-    fn new(netns: &str, domains: DomainSet) -> Self {
+    fn new(netns: &str, domains: DomainSet, writer: SetWriter) -> Self {
         Self {
             netns: netns.to_owned(),
+            writer: Arc::new(writer),
             state: Mutex::new(GrantState {
                 domains,
                 granted: HashMap::new(),
+                seq: 0,
             }),
         }
     }
@@ -199,9 +210,13 @@ impl Grants {
         if need.is_empty() {
             return Ok(());
         }
-        let ruleset = firewall::grant(&need);
+        st.seq = st.seq.wrapping_add(1);
+        let (writer, seq, list) = (Arc::clone(&self.writer), st.seq, need.clone());
         let started = Instant::now();
-        netns::run_in_async(&self.netns, move || firewall::apply(&ruleset)).await??;
+        // A netlink round trip: short, but a blocking receive, so off the async threads.
+        tokio::task::spawn_blocking(move || writer.grant(&list, seq))
+            .await?
+            .map_err(GrantError::Netlink)?;
         tracing::debug!(slot = %self.netns, %name, addresses = need.len(),
             took = ?started.elapsed(), "granted resolved addresses");
         for (a, secs) in need {
@@ -239,18 +254,18 @@ impl DnsServer {
         domains: DomainSet,
     ) -> std::io::Result<Self> {
         let at = SocketAddr::new(IpAddr::V4(addr), 53);
-        let (udp, tcp) = netns::run_in_async(netns, move || -> std::io::Result<_> {
+        let (udp, tcp, writer) = netns::run_in_async(netns, move || -> std::io::Result<_> {
             let udp = UdpSocket::bind(at)?;
             udp.set_nonblocking(true)?;
             let tcp = TcpListener::bind(at)?;
             tcp.set_nonblocking(true)?;
-            Ok((udp, tcp))
+            Ok((udp, tcp, SetWriter::open()?))
         })
         .await??;
         // Registered with the reactor of the runtime we are on; the namespace stays the slot's.
         let udp = tokio::net::UdpSocket::from_std(udp)?;
         let tcp = tokio::net::TcpListener::from_std(tcp)?;
-        let grants = Arc::new(Grants::new(netns, domains));
+        let grants = Arc::new(Grants::new(netns, domains, writer));
         let ctx = Arc::new(Context {
             upstream,
             grants: Arc::clone(&grants),

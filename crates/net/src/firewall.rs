@@ -17,12 +17,10 @@ use std::borrow::Cow;
 use nftables::batch::Batch;
 use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
 
-use nftables::expr::Elem;
 use nftables::schema::{
-    Chain, Element, FlushObject, NfCmd, NfListObject, Nftables, Rule, Set, SetFlag, SetType,
-    SetTypeValue, Table,
+    Chain, FlushObject, NfCmd, NfListObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue,
+    Table,
 };
 use nftables::stmt::{JumpTarget, Match, NAT, NATFamily, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
@@ -481,43 +479,6 @@ pub fn policy_update(policy: &EgressPolicy) -> Nftables<'static> {
     b.batch
         .add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(allow_dns_set()))));
     policy_rules(&mut b, policy);
-    b.build()
-}
-
-fn elements(addrs: &[(Ipv4Addr, u32)], timeout: bool) -> Element<'static> {
-    let elem: Vec<Expression<'static>> = addrs
-        .iter()
-        .map(|(a, secs)| {
-            if timeout {
-                Expression::Named(NamedExpression::Elem(Elem {
-                    val: Box::new(s(a.to_string())),
-                    timeout: Some(*secs),
-                    expires: None,
-                    comment: None,
-                    counter: None,
-                }))
-            } else {
-                s(a.to_string())
-            }
-        })
-        .collect();
-    Element {
-        family: NfFamily::INet,
-        table: Cow::Borrowed(SLOT_TABLE),
-        name: Cow::Borrowed(ALLOW_DNS_SET),
-        elem: elem.into(),
-    }
-}
-
-/// Grants `(address, seconds)` in the slot's `allow_dns` set. An element already there keeps
-/// its old timeout on a plain add, so each one is added (making sure it exists), deleted and
-/// added again with the new timeout, in one transaction: no packet sees it missing.
-pub fn grant(addrs: &[(Ipv4Addr, u32)]) -> Nftables<'static> {
-    let mut b = Builder::new(SLOT_TABLE);
-    b.batch.add(NfListObject::Element(elements(addrs, false)));
-    b.batch
-        .delete(NfListObject::Element(elements(addrs, false)));
-    b.batch.add(NfListObject::Element(elements(addrs, true)));
     b.build()
 }
 

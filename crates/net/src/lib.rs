@@ -13,6 +13,7 @@ mod firewall;
 mod host;
 pub mod links;
 pub mod netns;
+mod nfset;
 mod pool;
 mod slot;
 mod sys;

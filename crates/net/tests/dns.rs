@@ -163,6 +163,38 @@ async fn resolve(name: &str) -> Result<Answer, String> {
     got
 }
 
+/// The slot's `allow_dns` set as `nft` lists it: (address, timeout in seconds).
+fn granted(ns: &str) -> Vec<(Ipv4Addr, u64)> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", ns, "nft", "-j", "list", "set", "inet", "firkin",
+        ])
+        .arg("allow_dns")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let set = json["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|o| o.get("set"))
+        .unwrap();
+    let Some(elems) = set.get("elem").and_then(|e| e.as_array()) else {
+        return Vec::new();
+    };
+    elems
+        .iter()
+        .map(|e| {
+            let e = &e["elem"];
+            (
+                e["val"].as_str().unwrap().parse().unwrap(),
+                e["timeout"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 fn deny_all_but(domains: &[&str]) -> EgressPolicy {
     EgressPolicy {
         deny: vec!["0.0.0.0/0".parse().unwrap()],
@@ -282,6 +314,8 @@ async fn the_guests_name_server_answers_and_opens_allowed_domains_only() {
         Ok(format!("hello {HOST_END}"))
     );
     assert!(refused(&probe(GUEST_NS, sa(OTHER, 80)).await));
+    // In the set for the answer's TTL (300 s, within the 60 s..1 h clamp), and alone.
+    assert_eq!(granted(slot.netns()), vec![(ALLOWED, 300)]);
     // Over TCP too; AAAA is answered empty (the slot has no IPv6), mixed case matches.
     assert_eq!(
         ask(
@@ -326,6 +360,7 @@ async fn the_guests_name_server_answers_and_opens_allowed_domains_only() {
         refused(&probe(GUEST_NS, sa(ALLOWED, 80)).await),
         "a policy change kept an old grant"
     );
+    assert_eq!(granted(slot.netns()), vec![]);
     let mut granting = Duration::ZERO;
     let mut skipping = Duration::ZERO;
     const ROUNDS: u32 = 5;
