@@ -10,11 +10,13 @@
 //! so the guest's questions leave the host from the host's own address and not through the
 //! slot's policy (a guest with no egress still resolves names).
 //!
-//! What is answered: A through the resolver; AAAA with an empty NOERROR (the slot has no IPv6
-//! route, and an AAAA answer would only make the guest try a path that fails before falling
-//! back); other types of class IN passed through; ANY, zone transfers, other opcodes and
-//! classes refused as not implemented. Upstream NXDOMAIN and "no records" are passed on; a
-//! timeout or any other failure is SERVFAIL.
+//! What is answered: A through the resolver; AAAA resolved too but answered without its AAAA
+//! records (NOERROR and empty, or NXDOMAIN when the name does not exist, so a guest asking A
+//! and AAAA at once hears the same about the name twice): the slot has no IPv6 route, and an
+//! IPv6 address would only make the guest try a path that fails before falling back. Other
+//! types of class IN are passed through; ANY, zone transfers, other opcodes and classes are
+//! answered NOTIMP. Upstream NXDOMAIN and "no records" are passed on; a timeout or any other
+//! failure is SERVFAIL.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -303,8 +305,10 @@ async fn serve_udp(socket: tokio::net::UdpSocket, ctx: Arc<Context>) {
         let (len, peer) = match socket.recv_from(&mut buf).await {
             Ok(got) => got,
             Err(e) => {
-                // ICMP errors for earlier replies surface here on Linux; not fatal.
+                // Not fatal (an ICMP error for an earlier reply can surface here); a short
+                // pause keeps an error that repeats from spinning.
                 tracing::debug!(error = %e, "dns: udp receive");
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
@@ -392,8 +396,12 @@ async fn answer(question: &[u8], ctx: &Context, udp_limit: Option<usize>) -> Opt
     let request = match Message::from_vec(question) {
         Ok(m) => m,
         Err(_) => {
-            // A readable header gets FORMERR; less than that is noise.
+            // A readable query header gets FORMERR; less than that, or a response (the QR
+            // bit), is noise: answering a response could start a loop.
             let id = u16::from_be_bytes([*question.first()?, *question.get(1)?]);
+            if question.get(2)? & 0x80 != 0 {
+                return None;
+            }
             let reply = Message::error_msg(id, OpCode::Query, ResponseCode::FormErr);
             return reply.to_vec().ok();
         }
@@ -433,12 +441,8 @@ async fn resolve(request: &Message, ctx: &Context) -> (ResponseCode, Vec<Record>
         return (ResponseCode::NotImp, Vec::new());
     }
     let rtype = query.query_type();
-    match rtype {
-        RecordType::AAAA => return (ResponseCode::NoError, Vec::new()),
-        RecordType::ANY | RecordType::AXFR | RecordType::IXFR => {
-            return (ResponseCode::NotImp, Vec::new());
-        }
-        _ => {}
+    if matches!(rtype, RecordType::ANY | RecordType::AXFR | RecordType::IXFR) {
+        return (ResponseCode::NotImp, Vec::new());
     }
     let name = query.name().clone();
     let looked_up = tokio::time::timeout(
@@ -448,7 +452,12 @@ async fn resolve(request: &Message, ctx: &Context) -> (ResponseCode, Vec<Record>
     .await;
     let answers = match looked_up {
         Err(_) => return (ResponseCode::ServFail, Vec::new()),
-        Ok(Ok(lookup)) => lookup.answers().to_vec(),
+        Ok(Ok(lookup)) => lookup
+            .answers()
+            .iter()
+            .filter(|r| r.record_type() != RecordType::AAAA)
+            .cloned()
+            .collect::<Vec<_>>(),
         Ok(Err(ResolveError::Dns(DnsError::NoRecordsFound(none)))) => {
             let code = match none.response_code {
                 ResponseCode::NXDomain => ResponseCode::NXDomain,

@@ -502,6 +502,16 @@ mod tests {
             "{json}"
         );
         assert!(json.contains(r#""right":{"prefix":{"addr":"169.254.0.0","len":16}}"#));
+        // The DNS address's port 53, and the domain grants' set and rule.
+        assert!(json.contains(r#""right":"10.0.2.3""#), "{json}");
+        assert!(
+            json.contains(r#""protocol":"udp","field":"dport""#),
+            "{json}"
+        );
+        assert!(json.contains(r#""right":53"#), "{json}");
+        assert!(json.contains(r#""right":"@allow_dns""#), "{json}");
+        let update = serde_json::to_string(&policy_update(&EgressPolicy::default())).unwrap();
+        assert!(update.contains(r#"{"flush":{"set":"#), "{update}");
         let host = serde_json::to_string(&host_ruleset(&pool)).unwrap();
         assert!(host.contains(r#""right":"fkh*""#), "{host}");
     }

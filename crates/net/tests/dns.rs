@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::{Cleanup, LOCK, listen, privileged, probe};
 use firkin_net::{EgressPolicy, GuestDevice, HostNet, PoolConfig, Slot, links, netns};
 use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
-use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use rtnetlink::packet_route::rule::RuleAction;
 
@@ -50,7 +50,8 @@ fn zone(name: &str) -> Option<Ipv4Addr> {
 }
 
 /// The stand-in upstream: a UDP responder bound in namespace `ns`, answering A questions from
-/// [`zone`] (TTL 300) and NXDOMAIN for every other name; any other type gets an empty NOERROR.
+/// [`zone`] (TTL 300), AAAA questions for those names with ::1, NXDOMAIN for every other
+/// name, and an empty NOERROR for other types.
 /// Ends when the test aborts it.
 async fn upstream(ns: &str, at: SocketAddr) -> tokio::task::JoinHandle<()> {
     let std_socket = netns::run_in_async(ns, move || {
@@ -83,6 +84,14 @@ async fn upstream(ns: &str, at: SocketAddr) -> tokio::task::JoinHandle<()> {
                             RData::A(A::from(ip)),
                         ));
                     }
+                    // An IPv6 address the slot must not pass on (it has no IPv6 route).
+                    (Some(_), RecordType::AAAA) => {
+                        r.answers.push(Record::from_rdata(
+                            query.name().clone(),
+                            300,
+                            RData::AAAA(AAAA::from(std::net::Ipv6Addr::LOCALHOST)),
+                        ));
+                    }
                     (Some(_), _) => {}
                 }
             }
@@ -107,6 +116,13 @@ fn parse_answer(sent: &Message, bytes: &[u8]) -> Result<Answer, String> {
     let r = Message::from_vec(bytes).map_err(|e| e.to_string())?;
     if r.metadata.id != sent.metadata.id || r.metadata.message_type != MessageType::Response {
         return Err(format!("not our answer: {r:?}"));
+    }
+    if let Some(v6) = r
+        .answers
+        .iter()
+        .find(|rec| matches!(rec.data, RData::AAAA(_)))
+    {
+        return Err(format!("an IPv6 answer reached the guest: {v6:?}"));
     }
     let addrs = r
         .answers
@@ -316,7 +332,8 @@ async fn the_guests_name_server_answers_and_opens_allowed_domains_only() {
     assert!(refused(&probe(GUEST_NS, sa(OTHER, 80)).await));
     // In the set for the answer's TTL (300 s, within the 60 s..1 h clamp), and alone.
     assert_eq!(granted(slot.netns()), vec![(ALLOWED, 300)]);
-    // Over TCP too; AAAA is answered empty (the slot has no IPv6), mixed case matches.
+    // Over TCP too; AAAA is answered without addresses (the slot has no IPv6) but keeps
+    // NXDOMAIN; mixed case matches.
     assert_eq!(
         ask(
             GUEST_NS,
@@ -350,6 +367,17 @@ async fn the_guests_name_server_answers_and_opens_allowed_domains_only() {
         .await,
         Ok((ResponseCode::NoError, vec![]))
     );
+    assert_eq!(
+        ask(
+            GUEST_NS,
+            sa(GUEST_DNS, 53),
+            "nope.test",
+            RecordType::AAAA,
+            false
+        )
+        .await,
+        Ok((ResponseCode::NXDomain, vec![]))
+    );
 
     // The cost of a grant: the same (now cached) answer after the grants were flushed, which
     // runs `nft`, against once more, which finds the grant and runs nothing.
@@ -363,7 +391,7 @@ async fn the_guests_name_server_answers_and_opens_allowed_domains_only() {
     assert_eq!(granted(slot.netns()), vec![]);
     let mut granting = Duration::ZERO;
     let mut skipping = Duration::ZERO;
-    const ROUNDS: u32 = 5;
+    const ROUNDS: u32 = 20;
     for _ in 0..ROUNDS {
         slot.set_policy(deny_all_but(&["allowed.test"]))
             .await
