@@ -105,11 +105,15 @@ impl SetWriter {
                 let parsed = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[at..at + len]);
                 at += (len + 3) & !3;
                 let Ok(msg) = parsed else { continue };
-                if let NetlinkPayload::Error(e) = &msg.payload {
+                let seq = msg.header.sequence_number;
+                // An answer to an earlier call that gave up waiting is not this call's.
+                if let NetlinkPayload::Error(e) = &msg.payload
+                    && pending.contains(&seq)
+                {
                     if let Some(code) = e.code {
                         return Err(std::io::Error::from_raw_os_error(-code.get()));
                     }
-                    pending.retain(|s| *s != msg.header.sequence_number);
+                    pending.retain(|s| *s != seq);
                 }
             }
         }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::{Cleanup, LOCK, listen, privileged, probe};
 use firkin_net::{EgressPolicy, GuestDevice, HostNet, PoolConfig, Slot, links, netns};
 use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA};
+use hickory_proto::rr::rdata::{A, AAAA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use rtnetlink::packet_route::rule::RuleAction;
 
@@ -76,6 +76,15 @@ async fn upstream(ns: &str, at: SocketAddr) -> tokio::task::JoinHandle<()> {
             if let Some(query) = q.queries.first() {
                 let name = query.name().to_ascii().to_ascii_lowercase();
                 match (zone(&name), query.query_type()) {
+                    // Bigger than a plain UDP answer (512 bytes), within the resolver's EDNS.
+                    (_, RecordType::TXT) if name == "big.test." => {
+                        let strings = vec!["x".repeat(100); 8];
+                        r.answers.push(Record::from_rdata(
+                            query.name().clone(),
+                            300,
+                            RData::TXT(TXT::new(strings)),
+                        ));
+                    }
                     (None, _) => r.metadata.response_code = ResponseCode::NXDomain,
                     (Some(ip), RecordType::A) => {
                         r.answers.push(Record::from_rdata(
@@ -144,7 +153,13 @@ async fn ask(
     tcp: bool,
 ) -> Result<Answer, String> {
     let q = question(name, rtype);
-    netns::run_in_async(ns, move || -> Result<Answer, String> {
+    let reply = exchange(ns, server, q.clone(), tcp).await?;
+    parse_answer(&q, &reply)
+}
+
+/// Sends `q` to `server` from namespace `ns` and returns the reply's bytes.
+async fn exchange(ns: &str, server: SocketAddr, q: Message, tcp: bool) -> Result<Vec<u8>, String> {
+    netns::run_in_async(ns, move || -> Result<Vec<u8>, String> {
         let wire = q.to_vec().map_err(|e| e.to_string())?;
         let limit = Some(Duration::from_secs(3));
         if tcp {
@@ -158,14 +173,15 @@ async fn ask(
             s.read_exact(&mut len).map_err(|e| e.to_string())?;
             let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
             s.read_exact(&mut buf).map_err(|e| e.to_string())?;
-            parse_answer(&q, &buf)
+            Ok(buf)
         } else {
             let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
             s.set_read_timeout(limit).map_err(|e| e.to_string())?;
             s.send_to(&wire, server).map_err(|e| e.to_string())?;
             let mut buf = vec![0u8; 4096];
             let (n, _) = s.recv_from(&mut buf).map_err(|e| e.to_string())?;
-            parse_answer(&q, &buf[..n])
+            buf.truncate(n);
+            Ok(buf)
         }
     })
     .await
@@ -377,6 +393,24 @@ async fn the_guests_name_server_answers_and_opens_allowed_domains_only() {
         )
         .await,
         Ok((ResponseCode::NXDomain, vec![]))
+    );
+
+    // An answer too big for plain UDP is truncated there, and whole over TCP.
+    let big = question("big.test", RecordType::TXT);
+    let udp = exchange(GUEST_NS, sa(GUEST_DNS, 53), big.clone(), false)
+        .await
+        .and_then(|b| Message::from_vec(&b).map_err(|e| e.to_string()))
+        .unwrap();
+    assert!(udp.metadata.truncation, "{udp:?}");
+    assert!(udp.answers.is_empty());
+    let tcp = exchange(GUEST_NS, sa(GUEST_DNS, 53), big, true)
+        .await
+        .and_then(|b| Message::from_vec(&b).map_err(|e| e.to_string()))
+        .unwrap();
+    assert!(!tcp.metadata.truncation);
+    assert!(
+        matches!(tcp.answers.as_slice(), [r] if matches!(&r.data, RData::TXT(t) if t.txt_data.len() == 8)),
+        "{tcp:?}"
     );
 
     // The cost of a grant: the same (now cached) answer after the grants were flushed, which
