@@ -109,6 +109,7 @@ pub fn start(args: &NetworkArgs) -> Result<Option<SlotPool>> {
         prefix: args.net_prefix.clone(),
         range,
         host_table: format!("firkin-{}", args.net_prefix),
+        dns_upstream: args.dns_upstream.clone(),
         ..PoolConfig::default()
     };
     let pool = SlotPool::start(config).context("setting up per-sandbox networks")?;

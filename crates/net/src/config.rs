@@ -1,7 +1,7 @@
 //! Typed configuration: addresses, one slot's layout, the egress policy and the pool's ranges.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 
 /// An IPv4 network in CIDR form; the address is kept as given (host bits are not cleared) so a
@@ -84,6 +84,9 @@ pub struct GuestNet {
     /// The guest's gateway (`firkin.gw`): the TAP's address in the slot.
     pub gateway: Ipv4Addr,
     pub prefix: u8,
+    /// The guest's name server (its `/etc/resolv.conf`, what slirp offered): the slot carries
+    /// this address next to the gateway and answers DNS on it (see [`crate::dns`]).
+    pub dns: Ipv4Addr,
 }
 
 impl Default for GuestNet {
@@ -92,6 +95,7 @@ impl Default for GuestNet {
             guest: Ipv4Addr::new(10, 0, 2, 15),
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             prefix: 24,
+            dns: Ipv4Addr::new(10, 0, 2, 3),
         }
     }
 }
@@ -177,6 +181,10 @@ pub struct SlotConfig {
     pub range: Ipv4Net,
     /// The host-side nftables table this slot's traffic passes (see [`crate::HostNet`]).
     pub host_table: String,
+    /// Where the slot's DNS server sends the guest's questions (the pool's
+    /// [`PoolConfig::dns_upstream`]); only read by [`crate::Slot::create`], a pool shares one
+    /// resolver among its slots.
+    pub dns_upstream: Vec<SocketAddr>,
 }
 
 /// A pool's naming and address plan.
@@ -201,6 +209,9 @@ pub struct PoolConfig {
     pub policy: EgressPolicy,
     /// Name of the host-side nftables table (`inet` family).
     pub host_table: String,
+    /// The name servers every slot's DNS server asks, from the root namespace (UDP, TCP on
+    /// truncation). Empty: the host's own, from `/etc/resolv.conf`.
+    pub dns_upstream: Vec<SocketAddr>,
 }
 
 impl Default for PoolConfig {
@@ -217,6 +228,7 @@ impl Default for PoolConfig {
             device: GuestDevice::Tap,
             policy: EgressPolicy::default(),
             host_table: "firkin".into(),
+            dns_upstream: Vec::new(),
         }
     }
 }
@@ -251,6 +263,7 @@ impl PoolConfig {
             policy: self.policy.clone(),
             range: self.range,
             host_table: self.host_table.clone(),
+            dns_upstream: self.dns_upstream.clone(),
         })
     }
 }

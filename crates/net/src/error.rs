@@ -17,6 +17,7 @@ pub enum Step {
     Firewall,
     Policy,
     GuestStandIn,
+    Dns,
     Destroy,
 }
 
@@ -37,6 +38,10 @@ pub enum Cause {
     Sys(#[from] nix::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("dns: {0}")]
+    Upstream(#[from] crate::dns::UpstreamError),
+    #[error("dns: {0}")]
+    Grant(#[from] crate::dns::GrantError),
     #[error("{0}")]
     Other(String),
 }

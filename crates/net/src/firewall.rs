@@ -16,7 +16,12 @@ use std::borrow::Cow;
 
 use nftables::batch::Batch;
 use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
-use nftables::schema::{Chain, FlushObject, NfCmd, NfListObject, Nftables, Rule, Table};
+use std::collections::HashSet;
+
+use nftables::schema::{
+    Chain, FlushObject, NfCmd, NfListObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue,
+    Table,
+};
 use nftables::stmt::{JumpTarget, Match, NAT, NATFamily, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
@@ -25,6 +30,9 @@ use crate::config::{EgressPolicy, Ipv4Net, PoolConfig, SlotConfig, Verdict};
 /// The slot namespace's table (alone in its namespace, so a fixed name).
 pub const SLOT_TABLE: &str = "firkin";
 const POLICY_CHAIN: &str = "policy";
+/// The addresses the slot's DNS server resolved for an allowed domain, each for its answer's
+/// TTL (see [`crate::dns`]).
+pub const ALLOW_DNS_SET: &str = "allow_dns";
 
 /// Destinations a guest may never reach, whatever its policy: "this network", loopback,
 /// link-local (cloud metadata lives at 169.254.169.254), multicast and reserved. The pool's own
@@ -49,6 +57,16 @@ fn ip(field: &'static str) -> Expression<'static> {
     Expression::Named(NamedExpression::Payload(Payload::PayloadField(
         PayloadField {
             protocol: "ip".into(),
+            field: field.into(),
+        },
+    )))
+}
+
+/// A transport header field (`udp dport`); nft adds the protocol check itself.
+fn l4(field: &'static str, proto: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: proto.into(),
             field: field.into(),
         },
     )))
@@ -261,6 +279,15 @@ pub fn remove_table(table: &str) -> Nftables<'static> {
 }
 
 fn policy_rules(b: &mut Builder, policy: &EgressPolicy) {
+    // Domain grants are allows, and an allow beats a deny: first. The rule is there whatever
+    // the policy; with no domains the set stays empty.
+    b.rule(
+        POLICY_CHAIN,
+        vec![
+            matches(ip("daddr"), Operator::EQ, s(format!("@{ALLOW_DNS_SET}"))),
+            accept(),
+        ],
+    );
     // E2B's rule: an allowed destination is allowed even inside a denied range.
     for n in &policy.allow {
         b.rule(
@@ -343,6 +370,18 @@ pub fn slot_ruleset(slot: &SlotConfig) -> Nftables<'static> {
     );
     b.rule("input", vec![established(), accept()]);
     b.rule("input", vec![iif("lo"), accept()]);
+    // The one service of the slot: DNS for its guest, on the DNS address only.
+    for proto in ["udp", "tcp"] {
+        b.rule(
+            "input",
+            vec![
+                iif(guest_if),
+                matches(ip("daddr"), Operator::EQ, s(slot.guest.dns.to_string())),
+                matches(l4("dport", proto), Operator::EQ, Expression::Number(53)),
+                accept(),
+            ],
+        );
+    }
     b.rule("input", vec![iif(guest_if), reject()]);
 
     b.base_chain(
@@ -398,6 +437,14 @@ pub fn slot_ruleset(slot: &SlotConfig) -> Nftables<'static> {
         );
     }
     b.batch.add(NfListObject::Chain(b.chain_def(POLICY_CHAIN)));
+    b.batch.add(NfListObject::Set(Box::new(Set {
+        family: NfFamily::INet,
+        table: Cow::Borrowed(SLOT_TABLE),
+        name: Cow::Borrowed(ALLOW_DNS_SET),
+        set_type: SetTypeValue::Single(SetType::Ipv4Addr),
+        flags: Some(HashSet::from([SetFlag::Timeout])),
+        ..Set::default()
+    })));
     b.rule(
         "forward",
         vec![
@@ -412,12 +459,25 @@ pub fn slot_ruleset(slot: &SlotConfig) -> Nftables<'static> {
     b.build()
 }
 
+fn allow_dns_set() -> Set<'static> {
+    Set {
+        family: NfFamily::INet,
+        table: Cow::Borrowed(SLOT_TABLE),
+        name: Cow::Borrowed(ALLOW_DNS_SET),
+        set_type: SetTypeValue::Single(SetType::Ipv4Addr),
+        ..Set::default()
+    }
+}
+
 /// Swaps a slot's policy chain in one transaction: connections already established keep
 /// going (the forward chain accepts them before the policy), new ones see the new policy.
+/// The domain grants go in the same transaction: they were made for the old policy's domains.
 pub fn policy_update(policy: &EgressPolicy) -> Nftables<'static> {
     let mut b = Builder::new(SLOT_TABLE);
     b.batch
         .add_cmd(NfCmd::Flush(FlushObject::Chain(b.chain_def(POLICY_CHAIN))));
+    b.batch
+        .add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(allow_dns_set()))));
     policy_rules(&mut b, policy);
     b.build()
 }
@@ -442,6 +502,16 @@ mod tests {
             "{json}"
         );
         assert!(json.contains(r#""right":{"prefix":{"addr":"169.254.0.0","len":16}}"#));
+        // The DNS address's port 53, and the domain grants' set and rule.
+        assert!(json.contains(r#""right":"10.0.2.3""#), "{json}");
+        assert!(
+            json.contains(r#""protocol":"udp","field":"dport""#),
+            "{json}"
+        );
+        assert!(json.contains(r#""right":53"#), "{json}");
+        assert!(json.contains(r#""right":"@allow_dns""#), "{json}");
+        let update = serde_json::to_string(&policy_update(&EgressPolicy::default())).unwrap();
+        assert!(update.contains(r#"{"flush":{"set":"#), "{update}");
         let host = serde_json::to_string(&host_ruleset(&pool)).unwrap();
         assert!(host.contains(r#""right":"fkh*""#), "{host}");
     }

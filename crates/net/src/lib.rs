@@ -6,17 +6,22 @@
 //! Not yet wired into the runtime (issue 12, item 1).
 
 pub mod config;
+mod dns;
+mod domains;
 pub mod error;
 mod firewall;
 mod host;
 pub mod links;
 pub mod netns;
+mod nfset;
 mod pool;
 mod slot;
 mod sweep;
 mod sys;
 
 pub use config::{EgressPolicy, GuestDevice, GuestNet, Ipv4Net, PoolConfig, SlotConfig, Verdict};
+pub use dns::{DnsUpstream, GrantError, UpstreamError};
+pub use domains::DomainSet;
 pub use error::{Cause, NetError, Step};
 pub use host::HostNet;
 pub use pool::SlotPool;

@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::config::PoolConfig;
-use crate::error::NetError;
+use crate::dns::DnsUpstream;
+use crate::error::{At, NetError, Step};
 use crate::host::HostNet;
 use crate::slot::Slot;
 
@@ -28,6 +29,8 @@ struct State {
 #[derive(Debug)]
 struct Inner {
     config: PoolConfig,
+    /// One resolver (cache, connections) for every slot's DNS server.
+    upstream: DnsUpstream,
     state: Mutex<State>,
     wake: Notify,
     /// Woken whenever a slot becomes ready (tests and warm-up wait on it).
@@ -58,6 +61,8 @@ impl SlotPool {
     /// filling the pool in the background.
     pub fn start(config: PoolConfig) -> Result<Self, NetError> {
         crate::sweep::sweep(&config)?;
+        let upstream = DnsUpstream::new(&config.dns_upstream)
+            .at(&format!("{}-*", config.prefix), Step::Dns)?;
         let host = HostNet::ensure(&config)?;
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
@@ -68,6 +73,7 @@ impl SlotPool {
                 closed: false,
             }),
             config,
+            upstream,
             wake: Notify::new(),
             ready: Notify::new(),
         });
@@ -114,7 +120,7 @@ impl SlotPool {
             }
         };
         let made = match self.inner.config.slot(index) {
-            Some(config) => Slot::create(config).await,
+            Some(config) => Slot::create_with(config, self.inner.upstream.clone()).await,
             None => Err(NetError::new(
                 format!("{}-{index}", self.inner.config.prefix),
                 crate::error::Step::Config,
@@ -226,7 +232,7 @@ async fn refill(inner: Arc<Inner>) {
             Next::Wait => inner.wake.notified().await,
             Next::Build(index) => {
                 let made = match inner.config.slot(index) {
-                    Some(config) => Slot::create(config).await,
+                    Some(config) => Slot::create_with(config, inner.upstream.clone()).await,
                     None => Err(NetError::new(
                         format!("{}-{index}", inner.config.prefix),
                         crate::error::Step::Config,

@@ -4,6 +4,8 @@
 use rtnetlink::Handle;
 
 use crate::config::{EgressPolicy, GuestDevice, SlotConfig};
+use crate::dns::{DnsServer, DnsUpstream};
+use crate::domains::DomainSet;
 use crate::error::{At, Cause, NetError, Step};
 use crate::{firewall, links, netns, sys};
 
@@ -15,16 +17,42 @@ const STAND_IN_IF: &str = "eth0";
 #[derive(Debug)]
 pub struct Slot {
     config: SlotConfig,
+    /// The guest's DNS server; `None` only once the slot is destroyed.
+    dns: Option<DnsServer>,
     live: bool,
 }
 
 impl Slot {
-    /// Builds the slot `config` describes. Anything left under its names (a crash, an
-    /// interrupted create) is removed first; if a step fails, everything done so far is.
+    /// Builds the slot `config` describes, with a resolver of its own for
+    /// `config.dns_upstream` (a pool shares one: [`Slot::create_with`]). Must be called on a
+    /// tokio runtime, which then serves the slot's DNS until the slot is destroyed.
     pub async fn create(config: SlotConfig) -> Result<Self, NetError> {
+        let upstream = DnsUpstream::new(&config.dns_upstream).at(&config.netns, Step::Dns)?;
+        Self::create_with(config, upstream).await
+    }
+
+    /// Builds the slot `config` describes, its DNS server resolving through `upstream`.
+    /// Anything left under its names (a crash, an interrupted create) is removed first; if a
+    /// step fails, everything done so far is.
+    pub async fn create_with(config: SlotConfig, upstream: DnsUpstream) -> Result<Self, NetError> {
         teardown(&config).await?;
-        match build(&config).await {
-            Ok(()) => Ok(Self { config, live: true }),
+        let built = match build(&config).await {
+            Ok(()) => DnsServer::start(
+                &config.netns,
+                config.guest.dns,
+                upstream,
+                DomainSet::new(&config.policy.allow_domains),
+            )
+            .await
+            .at(&config.netns, Step::Dns),
+            Err(e) => Err(e),
+        };
+        match built {
+            Ok(dns) => Ok(Self {
+                config,
+                dns: Some(dns),
+                live: true,
+            }),
             Err(e) => {
                 if let Err(undo) = teardown(&config).await {
                     tracing::warn!(error = %undo, "undoing a failed slot create");
@@ -43,13 +71,26 @@ impl Slot {
         &self.config.netns
     }
 
-    /// Replaces the guest's egress policy; new connections see it at once.
+    /// Replaces the guest's egress policy; new connections see it at once. Addresses granted
+    /// for the old policy's domains are revoked in the same transaction, and the DNS server
+    /// matches the new domains from then on.
     pub async fn set_policy(&mut self, policy: EgressPolicy) -> Result<(), NetError> {
         let ruleset = firewall::policy_update(&policy);
-        netns::run_in_async(&self.config.netns, move || firewall::apply(&ruleset))
-            .await
-            .at(&self.config.netns, Step::Policy)?
-            .at(&self.config.netns, Step::Policy)?;
+        let domains = DomainSet::new(&policy.allow_domains);
+        match &self.dns {
+            Some(dns) => dns
+                .grants()
+                .replace(domains, ruleset)
+                .await
+                .at(&self.config.netns, Step::Policy)?,
+            None => {
+                return Err(NetError::new(
+                    &self.config.netns,
+                    Step::Policy,
+                    Cause::Other("the slot is destroyed".into()),
+                ));
+            }
+        }
         self.config.policy = policy;
         Ok(())
     }
@@ -57,12 +98,15 @@ impl Slot {
     /// Removes everything of the slot; safe to call on a half-built one.
     pub async fn destroy(mut self) -> Result<(), NetError> {
         self.live = false;
+        // Stopped first: its sockets hold the namespace open.
+        self.dns = None;
         teardown(&self.config).await
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.dns = None;
         if !self.live {
             return;
         }
@@ -137,6 +181,11 @@ async fn build(c: &SlotConfig) -> Result<(), NetError> {
         }
     }
     links::address(&inner, &c.guest_if, c.guest.gateway, c.guest.prefix)
+        .await
+        .at(ns, Step::Address)?;
+    // The guest's name server: a /32 next to the gateway, so the guest's ARP for it is
+    // answered on the same link and the DNS server can bind it.
+    links::address(&inner, &c.guest_if, c.guest.dns, 32)
         .await
         .at(ns, Step::Address)?;
     links::up(&inner, &c.guest_if).await.at(ns, Step::LinkUp)?;
