@@ -230,20 +230,19 @@ pub fn parse(req: &SandboxNetworkUpdate) -> Result<Option<Egress>, EgressError> 
     }))
 }
 
-/// The create-shaped `network` of the detail view: the stored request plus the traffic token's
-/// `allowPublicTraffic`. `None` when the sandbox has neither.
+/// The create-shaped `network` of the detail view: the stored request's lists plus the traffic
+/// token's `allowPublicTraffic`. `None` when that says nothing (no internet access alone is
+/// the top-level `allowInternetAccess`).
 pub fn detail_network(egress: Option<&Egress>, private: bool) -> Option<SandboxNetworkConfig> {
-    if egress.is_none() && !private {
-        return None;
-    }
     let req = egress.map(Egress::request);
-    Some(SandboxNetworkConfig {
+    let network = SandboxNetworkConfig {
         allow_public_traffic: private.then_some(false),
         allow_out: req.and_then(|r| r.allow_out.clone()),
         deny_out: req.and_then(|r| r.deny_out.clone()),
         dns_servers: req.and_then(|r| r.dns_servers.clone()),
         ..SandboxNetworkConfig::default()
-    })
+    };
+    (network != SandboxNetworkConfig::default()).then_some(network)
 }
 
 /// The detail view's `allowInternetAccess`.

@@ -305,6 +305,8 @@ fn the_stored_form_round_trips() {
 #[test]
 fn the_detail_view_shows_the_request_and_the_traffic_setting() {
     assert_eq!(detail_network(None, false), None);
+    let offline = parsed(json!({"allow_internet_access": false})).unwrap();
+    assert_eq!(detail_network(offline.as_ref(), false), None);
     let private = detail_network(None, true).unwrap();
     assert_eq!(
         serde_json::to_value(private).unwrap(),
