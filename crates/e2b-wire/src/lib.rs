@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 mod envd;
 pub use envd::EnvdInit;
 
+mod network;
+pub use network::{SandboxNetworkConfig, SandboxNetworkUpdate};
+
 #[cfg(feature = "signature")]
 pub mod file_signature;
 
@@ -210,6 +213,9 @@ pub struct SandboxDetail {
     pub domain: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifecycle: Option<SandboxLifecycle>,
+    /// The sandbox's network settings, when it has any beyond the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<SandboxNetworkConfig>,
 }
 
 /// `POST /sandboxes/{id}/timeout` body.
@@ -395,6 +401,7 @@ mod tests {
                 auto_resume: false,
                 on_timeout: OnTimeout::Kill,
             }),
+            network: None,
         };
         let text = serde_json::to_string(&detail).unwrap();
         let listed_text = serde_json::to_string(&listed).unwrap();

@@ -25,6 +25,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod capacity;
+pub mod egress;
 pub mod error;
 mod lifecycle;
 pub mod orchestrator;

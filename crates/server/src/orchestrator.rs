@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use firkin_artifacts::{SealError, SealedSnapshot, SnapshotArtifactIntegrity};
+use firkin_net::EgressPolicy;
 use firkin_runtime::{
     CapacityStatus, PausedSandbox, RuntimeError, RuntimeLauncher, SandboxExit, SandboxRuntime,
     StartSandbox, StartedSandbox, TemplateSnapshot, WarmPoolStatus,
@@ -33,6 +34,8 @@ pub trait Orchestrator: Send + Sync + 'static {
     async fn start(&self, req: StartSandbox) -> Result<StartedSandbox, RuntimeError>;
     async fn kill(&self, id: &SandboxId) -> Result<(), RuntimeError>;
     async fn pause(&self, id: &SandboxId, dir: &Path) -> Result<PausedSandbox, RuntimeError>;
+    /// Replaces a running sandbox's egress policy.
+    async fn set_egress(&self, id: &SandboxId, policy: &EgressPolicy) -> Result<(), RuntimeError>;
     fn route(&self, id: &SandboxId, guest_port: u16) -> Option<SocketAddr>;
     /// [`Orchestrator::route`], forwarding the port first if the sandbox does not yet.
     async fn open_port(
@@ -76,6 +79,10 @@ where
 
     async fn pause(&self, id: &SandboxId, dir: &Path) -> Result<PausedSandbox, RuntimeError> {
         SandboxRuntime::pause(self, id, dir).await
+    }
+
+    async fn set_egress(&self, id: &SandboxId, policy: &EgressPolicy) -> Result<(), RuntimeError> {
+        SandboxRuntime::set_egress(self, id, policy).await
     }
 
     fn route(&self, id: &SandboxId, guest_port: u16) -> Option<SocketAddr> {

@@ -119,6 +119,7 @@ async fn leftovers_of_interrupted_work_are_cleaned_up() {
             env_vars: BTreeMap::new(),
             access_token: "t".into(),
             traffic_access_token: None,
+            egress: None,
             timeout_secs: 60,
             auto_pause: false,
             auto_resume: false,

@@ -24,6 +24,7 @@ fn sandbox(id: &str, state: RecordState) -> SandboxRecord {
         env_vars: BTreeMap::from([("A".to_owned(), "1".to_owned())]),
         access_token: "tok".into(),
         traffic_access_token: None,
+        egress: None,
         timeout_secs: 300,
         auto_pause: true,
         auto_resume: false,
@@ -179,6 +180,105 @@ fn a_traffic_token_survives_reopening() {
     let store = Store::open(&db).unwrap();
     let got = store.sandbox(&private.sandbox_id).unwrap().unwrap();
     assert_eq!(got.traffic_access_token.as_deref(), Some("traffic"));
+}
+
+fn egress(body: serde_json::Value) -> firkin_server::egress::Egress {
+    firkin_server::egress::parse(&serde_json::from_value(body).unwrap())
+        .unwrap()
+        .expect("a restricting policy")
+}
+
+/// The policy is stored with the sandbox, kept through a pause and a reopening (what a resume
+/// reads), replaced and cleared.
+#[test]
+fn an_egress_policy_survives_pause_and_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("firkin.db");
+    let given = egress(serde_json::json!({
+        "allowOut": ["Example.com", "10.0.0.0/8"],
+        "denyOut": ["0.0.0.0/0"],
+        "dnsServers": ["9.9.9.9"],
+    }));
+    let s = SandboxRecord {
+        egress: Some(given.clone()),
+        ..sandbox("walled", RecordState::Running)
+    };
+    let id = s.sandbox_id.clone();
+    {
+        let store = Store::open(&db).unwrap();
+        store.insert_sandbox(&s).unwrap();
+        let snap = SnapshotRecord {
+            snapshot_id: "s1".into(),
+            sandbox_id: id.clone(),
+            dir: dir.path().join("s1"),
+            descriptor: dir.path().join("s1/snapshot.json"),
+            integrity: integrity(),
+            created_ms: 10,
+        };
+        store.mark_paused(&id, &snap).unwrap();
+    }
+    let store = Store::open(&db).unwrap();
+    let got = store.sandbox(&id).unwrap().unwrap();
+    assert_eq!(got.state, RecordState::Paused);
+    assert_eq!(got.egress.as_ref(), Some(&given));
+    let policy = got.egress.unwrap().policy().clone();
+    assert_eq!(policy.allow_domains, vec!["example.com"]);
+    assert_eq!(policy.allow.len(), 2, "10/8 and the resolver: {policy:?}");
+
+    let replaced = egress(serde_json::json!({"allow_internet_access": false}));
+    assert!(store.set_egress(&id, Some(&replaced)).unwrap());
+    assert_eq!(store.sandbox(&id).unwrap().unwrap().egress, Some(replaced));
+    assert!(store.set_egress(&id, None).unwrap());
+    assert_eq!(store.sandbox(&id).unwrap().unwrap().egress, None);
+    let unknown = SandboxId::new("nobody").unwrap();
+    assert!(!store.set_egress(&unknown, None).unwrap());
+}
+
+/// A database written before egress policies existed (schema 2) gains the column, and its
+/// sandboxes stay unrestricted.
+#[test]
+fn a_schema_2_database_migrates_with_no_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("firkin.db");
+    Store::open(&db)
+        .unwrap()
+        .insert_sandbox(&sandbox("old", RecordState::Running))
+        .unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch("ALTER TABLE sandboxes DROP COLUMN egress_policy")
+        .unwrap();
+    conn.pragma_update(None, "user_version", 2).unwrap();
+    drop(conn);
+    let store = Store::open(&db).unwrap();
+    assert_eq!(store.schema_version().unwrap(), 3);
+    let got = store.sandboxes().unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].egress, None);
+}
+
+#[test]
+fn a_malformed_stored_policy_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("firkin.db");
+    let store = Store::open(&db).unwrap();
+    store
+        .insert_sandbox(&sandbox("bad", RecordState::Paused))
+        .unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute(
+        "UPDATE sandboxes SET egress_policy = '{\"denyOut\":[\"nope\"]}'",
+        [],
+    )
+    .unwrap();
+    match store.sandboxes() {
+        Err(StoreError::Malformed { what, detail }) => {
+            assert!(
+                what.contains("bad") && detail.contains("egress_policy"),
+                "{detail}"
+            );
+        }
+        other => panic!("expected Malformed, got {other:?}"),
+    }
 }
 
 const CRASH_DB: &str = "FIRKIN_TEST_CRASH_DB";

@@ -1,5 +1,5 @@
 //! `/sandboxes/…` and `/v2/sandboxes/…`: create, list, get, kill, timeouts, pause, resume,
-//! connect and metrics, and the mapping of sandbox records to E2B's DTOs.
+//! connect, network and metrics, and the mapping of sandbox records to E2B's DTOs.
 
 use std::sync::Arc;
 
@@ -9,13 +9,15 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use firkin_e2b_wire::{
     ConnectSandboxRequest, ListedSandbox, OnTimeout, PauseSandboxRequest, RefreshRequest, Sandbox,
-    SandboxCreateRequest, SandboxDetail, SandboxLifecycle, SandboxState, SetTimeoutRequest,
+    SandboxCreateRequest, SandboxDetail, SandboxLifecycle, SandboxNetworkUpdate, SandboxState,
+    SetTimeoutRequest,
 };
 
 use super::extract::{ApiQuery, JsonBody, RequiredJson, SandboxPath};
 use super::internal;
 use super::list::ListQuery;
 use crate::app::{App, CLIENT_ID, ENVD_VERSION, rfc3339_ms};
+use crate::egress;
 use crate::error::ApiError;
 use crate::lifecycle::MetricsRange;
 use crate::store::{RecordState, SandboxRecord};
@@ -164,6 +166,17 @@ pub(super) async fn resume_v1(
     Ok((StatusCode::CREATED, Json(sandbox_dto(&app, &record))).into_response())
 }
 
+/// `PUT /sandboxes/{id}/network`: 204 once replaced. An empty body is `{}`: it clears the
+/// policy, as an omitted field does.
+pub(super) async fn update_network(
+    State(app): State<Arc<App>>,
+    SandboxPath(id): SandboxPath,
+    JsonBody(req): JsonBody<SandboxNetworkUpdate>,
+) -> Result<StatusCode, ApiError> {
+    app.update_network(&id, &req).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 pub(super) async fn metrics(
     State(app): State<Arc<App>>,
     SandboxPath(id): SandboxPath,
@@ -207,7 +220,7 @@ fn detail_dto(app: &App, r: &SandboxRecord) -> SandboxDetail {
     SandboxDetail {
         listed: listed_dto(r),
         envd_access_token: Some(r.access_token.clone()),
-        allow_internet_access: Some(true),
+        allow_internet_access: Some(egress::internet_access(r.egress.as_ref())),
         domain: app.config.domain.clone(),
         lifecycle: Some(SandboxLifecycle {
             auto_resume: r.auto_resume,
@@ -217,6 +230,7 @@ fn detail_dto(app: &App, r: &SandboxRecord) -> SandboxDetail {
                 OnTimeout::Kill
             },
         }),
+        network: egress::detail_network(r.egress.as_ref(), r.traffic_access_token.is_some()),
     }
 }
 

@@ -42,7 +42,6 @@ const fn row(method: Method, path: &'static str, feature: &'static str) -> Unsup
 
 const FORK: &str = "sandbox fork";
 const SNAPSHOTS: &str = "named snapshots";
-const NETWORK: &str = "updating a sandbox's network policy";
 const LOGS: &str = "sandbox logs";
 const BULK_METRICS: &str = "metrics of several sandboxes in one call";
 const TEMPLATE_BUILDS: &str =
@@ -64,11 +63,10 @@ const ADMIN: &str = "cluster administration";
 
 /// Every E2B route answered with 501, one row per method and path.
 pub const ROUTES: &[Unsupported] = &[
-    // Sandboxes: persistence, network, logs.
+    // Sandboxes: persistence, logs.
     row(Method::POST, "/sandboxes/{id}/fork", FORK),
     row(Method::POST, "/sandboxes/{id}/snapshots", SNAPSHOTS),
     row(Method::GET, "/snapshots", SNAPSHOTS),
-    row(Method::PUT, "/sandboxes/{id}/network", NETWORK),
     row(Method::GET, "/sandboxes/{id}/logs", LOGS),
     row(Method::GET, "/v2/sandboxes/{id}/logs", LOGS),
     row(Method::GET, "/sandboxes/metrics", BULK_METRICS),

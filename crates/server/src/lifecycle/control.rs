@@ -179,7 +179,9 @@ impl App {
                     depends_on: Vec::new(),
                 }),
                 init: envd_init(record),
-                network: None,
+                // The policy survives pause: the resumed VM gets it before its agent is
+                // configured, as at create.
+                network: record.egress.as_ref().map(|e| e.policy().clone()),
             })
             .await
             .map_err(|err| {

@@ -59,6 +59,12 @@ impl App {
         validate_vars("metadata", &req.metadata, false)?;
         validate_vars("envVars", &req.env_vars, true)?;
         refuse_unsupported(&req)?;
+        let egress = crate::egress::from_create(req.allow_internet_access, req.network.as_ref())?;
+        // Refused before anything is reserved: a sandbox that shares the host's network would
+        // silently ignore the policy.
+        if egress.is_some() && !self.config.egress_control {
+            return Err(crate::egress::unenforceable());
+        }
         let template = self.resolve_template(&req.template_id).await?;
         let snapshot = template_snapshot(&template)?;
 
@@ -77,6 +83,7 @@ impl App {
             env_vars: req.env_vars,
             access_token: generate_token(),
             traffic_access_token: private.then(generate_token),
+            egress,
             timeout_secs: timeout,
             auto_pause: req.auto_pause.unwrap_or(false),
             auto_resume: req.auto_resume.is_some_and(|a| a.enabled),
@@ -96,7 +103,7 @@ impl App {
                 sandbox_id: sandbox_id.clone(),
                 source: SandboxSource::Template(snapshot),
                 init: envd_init(&record),
-                network: None,
+                network: record.egress.as_ref().map(|e| e.policy().clone()),
             })
             .await;
         let started = match started {
@@ -213,30 +220,15 @@ fn validate_vars(what: &str, vars: &BTreeMap<String, String>, names: bool) -> Re
     Ok(())
 }
 
-/// Options firkin cannot honour. Ignoring them would hand out a sandbox weaker than asked for
-/// (network isolation above all), so they are refused.
+/// Options firkin cannot honour. Ignoring them would hand out a sandbox other than the one
+/// asked for, so they are refused. (The egress fields are [`crate::egress`]'s, which refuses
+/// what it cannot do: `egressProxy`, `rules`.)
 fn refuse_unsupported(req: &SandboxCreateRequest) -> Result<(), ApiError> {
     let unsupported = |what: &str| {
         Err(ApiError::bad_request(format!(
             "{what} is not supported by this firkin server"
         )))
     };
-    if req.allow_internet_access == Some(false) {
-        return unsupported("allow_internet_access=false (egress control)");
-    }
-    if let Some(net) = req.network.as_ref().and_then(|n| n.as_object()) {
-        for key in ["allowOut", "denyOut", "rules", "egressProxy", "dnsServers"] {
-            let set = net.get(key).is_some_and(|v| match v {
-                serde_json::Value::Null => false,
-                serde_json::Value::Array(a) => !a.is_empty(),
-                serde_json::Value::Object(o) => !o.is_empty(),
-                _ => true,
-            });
-            if set {
-                return unsupported(&format!("network.{key}"));
-            }
-        }
-    }
     if req.volume_mounts.as_ref().is_some_and(|v| !v.is_empty()) {
         return unsupported("volumeMounts");
     }

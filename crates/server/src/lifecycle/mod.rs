@@ -5,6 +5,7 @@ mod control;
 mod create;
 pub(crate) mod expiry;
 mod metrics;
+mod network;
 pub(crate) use metrics::{MetricsHistory, MetricsRange};
 pub(crate) mod recovery;
 pub(crate) mod templates;

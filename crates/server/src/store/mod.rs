@@ -100,6 +100,11 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE sandboxes ADD COLUMN traffic_access_token TEXT;
     "#,
+    // 3: the egress policy a sandbox was given (create or `PUT …/network`), as the JSON of its
+    // E2B request, so that it is applied again at every resume. NULL: unrestricted.
+    r#"
+    ALTER TABLE sandboxes ADD COLUMN egress_policy TEXT;
+    "#,
 ];
 
 /// The schema version this build of firkin writes.

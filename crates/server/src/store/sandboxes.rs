@@ -10,6 +10,7 @@ use rusqlite::{OptionalExtension, Row, params};
 
 use super::snapshots::{SNAPSHOT_SELECT, snapshot_row};
 use super::{SnapshotRecord, SqlContext, Store, StoreError, integrity, mib, query_all, size_mb};
+use crate::egress::Egress;
 
 /// Life-cycle state of a sandbox record. Only `Running` and `Paused` are ever shown to SDKs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +56,9 @@ pub struct SandboxRecord {
     /// Set for a sandbox created with `allowPublicTraffic: false`: requests to its ports other
     /// than envd's must carry it as `e2b-traffic-access-token`.
     pub traffic_access_token: Option<String>,
+    /// The egress policy asked for at create or by the last `PUT …/network`; `None`:
+    /// unrestricted. Applied again at every resume.
+    pub egress: Option<Egress>,
     /// The lifetime asked for at create (or the last `set_timeout`), reused at resume.
     pub timeout_secs: i64,
     pub auto_pause: bool,
@@ -78,9 +82,10 @@ impl Store {
         conn.execute(
             "INSERT INTO sandboxes (sandbox_id, template_id, build_id, state, metadata, env_vars,
                  access_token, timeout_secs, auto_pause, auto_resume, cpus, memory_mb, disk_mb,
-                 started_ms, end_ms, pid, pid_start, snapshot_id, created_ms, traffic_access_token)
+                 started_ms, end_ms, pid, pid_start, snapshot_id, created_ms, traffic_access_token,
+                 egress_policy)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 NULL, ?18, ?19)",
+                 NULL, ?18, ?19, ?20)",
             params![
                 s.sandbox_id.as_str(),
                 s.template_id,
@@ -101,6 +106,7 @@ impl Store {
                 s.pid_start.map(pid_start_column),
                 s.created_ms,
                 s.traffic_access_token,
+                s.egress.as_ref().map(Egress::to_json),
             ],
         )
         .op("recording a sandbox")?;
@@ -131,6 +137,18 @@ impl Store {
                 ],
             )
             .op("marking a sandbox running")?;
+        Ok(n == 1)
+    }
+
+    /// Replaces a sandbox's egress policy (`None`: unrestricted).
+    pub fn set_egress(&self, id: &SandboxId, egress: Option<&Egress>) -> Result<bool, StoreError> {
+        let n = self
+            .lock()
+            .execute(
+                "UPDATE sandboxes SET egress_policy = ?2 WHERE sandbox_id = ?1",
+                params![id.as_str(), egress.map(Egress::to_json)],
+            )
+            .op("changing a sandbox's egress policy")?;
         Ok(n == 1)
     }
 
@@ -242,7 +260,7 @@ const SANDBOX_SELECT: &str = "SELECT s.seq, s.sandbox_id, s.template_id, s.build
     s.metadata, s.env_vars, s.access_token, s.timeout_secs, s.auto_pause, s.auto_resume, s.cpus,
     s.memory_mb, s.disk_mb, s.started_ms, s.end_ms, s.pid, s.pid_start, s.created_ms,
     p.snapshot_id, p.dir, p.descriptor, p.size_bytes, p.sha256, p.created_ms,
-    s.traffic_access_token
+    s.traffic_access_token, s.egress_policy
     FROM sandboxes s LEFT JOIN snapshots p ON p.snapshot_id = s.snapshot_id";
 
 /// A row before validation: SQLite types only, so that malformed rows become a [`StoreError`]
@@ -274,6 +292,7 @@ struct RawSandbox {
     snap_sha: Option<String>,
     snap_created: Option<i64>,
     traffic_access_token: Option<String>,
+    egress_policy: Option<String>,
 }
 
 fn sandbox_raw(r: &Row<'_>) -> rusqlite::Result<RawSandbox> {
@@ -304,6 +323,7 @@ fn sandbox_raw(r: &Row<'_>) -> rusqlite::Result<RawSandbox> {
         snap_sha: r.get(23)?,
         snap_created: r.get(24)?,
         traffic_access_token: r.get(25)?,
+        egress_policy: r.get(26)?,
     })
 }
 
@@ -321,6 +341,14 @@ impl RawSandbox {
             .map_err(|e| malformed(format!("metadata: {e}")))?;
         let env_vars = serde_json::from_str(&self.env_vars)
             .map_err(|e| malformed(format!("env_vars: {e}")))?;
+        // Parsed again rather than trusted: a row that no longer validates must not resume
+        // with a policy other than the one it was given.
+        let egress = match &self.egress_policy {
+            None => None,
+            Some(json) => {
+                Egress::from_json(json).map_err(|e| malformed(format!("egress_policy: {e}")))?
+            }
+        };
         let snapshot = match (
             self.snap_id,
             self.snap_dir,
@@ -351,6 +379,7 @@ impl RawSandbox {
             env_vars,
             access_token: self.access_token,
             traffic_access_token: self.traffic_access_token,
+            egress,
             timeout_secs: self.timeout_secs,
             auto_pause: self.auto_pause,
             auto_resume: self.auto_resume,

@@ -99,6 +99,10 @@ pub struct Options {
     pub build_base: bool,
     /// For the process backend: the agent binary, instead of [`envd_bin`].
     pub envd_bin: Option<PathBuf>,
+    /// `ServerConfig::egress_control`. On the process backend `true` is a misconfiguration the
+    /// server must survive: egress requests pass the server's checks and reach a runtime that
+    /// refuses them.
+    pub egress_control: bool,
 }
 
 impl Default for Options {
@@ -113,6 +117,7 @@ impl Default for Options {
             body_limit: 1024 * 1024,
             build_base: true,
             envd_bin: None,
+            egress_control: false,
         }
     }
 }
@@ -177,6 +182,7 @@ pub fn open_server(state: &Path, cache: &Path, opts: &Options) -> Server {
     config.body_limit = opts.body_limit;
     config.warm_pools = [("base".to_owned(), opts.warm)].into_iter().collect();
     config.tick = Duration::from_millis(100);
+    config.egress_control = opts.egress_control;
     match opts.backend {
         Backend::Process => {
             let envd = opts.envd_bin.clone().unwrap_or_else(envd_bin);
