@@ -10,9 +10,9 @@
 #   fkt-host  where `firkin serve` and pytest run: 198.51.100.2/24, default route via
 #             fkt-inet's 198.51.100.1. Its only link is that veth (and the slots firkin makes).
 #
-#   FIRKIN_BIN            a built firkin to test (default: build it with cargo)
-#   FIRKIN_NET_PREFIX     the servers' --net-prefix (default fkt; another server never uses it)
-#   FIRKIN_CACHE_DIR      shared cache (templates built once are reused)
+#   FIRKIN_BIN             a built firkin to test (default: build it with cargo)
+#   FIRKIN_TESTNET_PREFIX  the tap server's --net-prefix (default fkt; no other server may use it)
+#   FIRKIN_CACHE_DIR       shared cache (templates built once are reused)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -40,7 +40,7 @@ fi
 HOST_NS=fkt-host INET_NS=fkt-inet
 HOST_IP=198.51.100.2 INET_IP=198.51.100.1
 ALLOWED=203.0.113.10 DENIED=203.0.113.20 OTHER=203.0.113.30 DNS=203.0.113.53 META=169.254.169.254
-PREFIX="${FIRKIN_NET_PREFIX:-fkt}"
+PREFIX="${FIRKIN_TESTNET_PREFIX:-fkt}"
 
 work=$(mktemp -d /tmp/firkin-net-XXXXXX)
 inet_pid=
@@ -128,11 +128,11 @@ expect "" q no-such.test
 if q no-such.test >/dev/null 2>&1; then echo "test internet: no-such.test resolved" >&2; exit 1; fi
 echo "test internet up: $INET_NS answers $HOST_NS (HTTP, HTTPS, DNS)" >&2
 
-export FIRKIN_NET_HOST_IP=$HOST_IP FIRKIN_NET_ALLOWED_IP=$ALLOWED FIRKIN_NET_DENIED_IP=$DENIED
-export FIRKIN_NET_OTHER_IP=$OTHER FIRKIN_NET_METADATA_IP=$META FIRKIN_NET_DNS="$DNS:53"
-export FIRKIN_NET_PREFIX=$PREFIX
+export FIRKIN_TESTNET_HOST_IP=$HOST_IP FIRKIN_TESTNET_ALLOWED_IP=$ALLOWED FIRKIN_TESTNET_DENIED_IP=$DENIED
+export FIRKIN_TESTNET_OTHER_IP=$OTHER FIRKIN_TESTNET_METADATA_IP=$META FIRKIN_TESTNET_DNS="$DNS:53"
+export FIRKIN_TESTNET_PREFIX=$PREFIX
 set +e
-inhost "$VENV/bin/python" -m pytest -q tests/sdk/test_network.py "$@"
+inhost "$VENV/bin/python" -m pytest -q -rfEs tests/sdk/test_network.py "$@"
 rc=$?
 set -e
 exit $rc

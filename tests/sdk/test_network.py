@@ -28,13 +28,13 @@ from e2b import CommandExitException, Sandbox, SandboxException
 import test_serve as ts
 from test_serve import port_headers, serve_http, stop_http, workdir  # noqa: F401 (fixture)
 
-HOST_IP = os.environ.get("FIRKIN_NET_HOST_IP", "")
-ALLOWED_IP = os.environ.get("FIRKIN_NET_ALLOWED_IP", "")
-DENIED_IP = os.environ.get("FIRKIN_NET_DENIED_IP", "")
-OTHER_IP = os.environ.get("FIRKIN_NET_OTHER_IP", "")
-METADATA_IP = os.environ.get("FIRKIN_NET_METADATA_IP", "")
-DNS_UPSTREAM = os.environ.get("FIRKIN_NET_DNS", "")
-NET_PREFIX = os.environ.get("FIRKIN_NET_PREFIX", "fkt")
+HOST_IP = os.environ.get("FIRKIN_TESTNET_HOST_IP", "")
+ALLOWED_IP = os.environ.get("FIRKIN_TESTNET_ALLOWED_IP", "")
+DENIED_IP = os.environ.get("FIRKIN_TESTNET_DENIED_IP", "")
+OTHER_IP = os.environ.get("FIRKIN_TESTNET_OTHER_IP", "")
+METADATA_IP = os.environ.get("FIRKIN_TESTNET_METADATA_IP", "")
+DNS_UPSTREAM = os.environ.get("FIRKIN_TESTNET_DNS", "")
+NET_PREFIX = os.environ.get("FIRKIN_TESTNET_PREFIX", "fkt")
 # The guest's side of every slot: its gateway, and firkin's DNS server for it.
 GUEST_GATEWAY = "10.0.2.2"
 GUEST_DNS = "10.0.2.3"
@@ -60,7 +60,7 @@ def _serve_help() -> str:
 
 
 _HELP = _serve_help()
-_MISSING = [f for f in ("--network", "--net-prefix", "--dns-upstream") if not re.search(rf"{f}\b", _HELP)]
+_MISSING = [f for f in ("--network", "--net-prefix", "--dns-upstream") if not re.search(rf"{f}(?![\w-])", _HELP)]
 
 pytestmark = [
     pytest.mark.skipif(
@@ -294,10 +294,20 @@ def test_a_guest_reaches_no_host_address_no_other_sandbox_no_link_local(server, 
 
 
 @needs_wiring
-def test_default_sandbox_reaches_the_internet_by_address_and_name(sbx):
-    assert GUEST_DNS in sbx.commands.run("cat /etc/resolv.conf").stdout
-    assert sbx.commands.run("getent hosts allowed.test", timeout=30).stdout.split()[0] == ALLOWED_IP
+def test_default_sandbox_reaches_the_internet_by_address(sbx):
     assert fetch(sbx, f"http://{ALLOWED_IP}/") == "allowed\n"
+    assert fetch(sbx, f"https://{DENIED_IP}/") == "denied\n"
+
+
+@needs_wiring
+def test_default_sandbox_resolves_names_through_firkins_dns(sbx):
+    resolv = sbx.commands.run("cat /etc/resolv.conf").stdout
+    assert f"nameserver {GUEST_DNS}" in resolv, resolv
+    try:
+        got = sbx.commands.run("getent hosts sub.allowed.test", timeout=30).stdout
+    except CommandExitException as e:
+        pytest.fail(f"sub.allowed.test did not resolve through {GUEST_DNS} (--dns-upstream {DNS_UPSTREAM}): {e}")
+    assert got.split()[0] == ALLOWED_IP, got
     assert fetch(sbx, "http://allowed.test/") == "allowed\n"
     assert fetch(sbx, "https://allowed.test/") == "allowed\n"
 
