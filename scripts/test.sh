@@ -51,6 +51,10 @@ step "firkin serve through the official e2b SDK (real VMs)"
 ./tests/sdk/run-serve.sh
 elapsed
 
+step "per-sandbox networks through the official e2b SDK (real VMs, test internet in namespaces)"
+./tests/sdk/run-network.sh
+elapsed
+
 step "firkin serve through the newest e2b on PyPI (allowed to fail)"
 newest_out=$(mktemp)
 ./scripts/sdk-newest.sh | tee "$newest_out"
