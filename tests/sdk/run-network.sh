@@ -37,6 +37,24 @@ if [ -z "${FIRKIN_BIN:-}" ]; then
   export FIRKIN_BIN="${CARGO_TARGET_DIR:-$REPO/target}/debug/firkin"
 fi
 
+# The server under test runs where nothing leaves the machine, so it cannot build a template
+# (that downloads Debian packages). A server on the host's own network makes sure the TAP
+# `base` template is in the shared cache first (a no-op when an earlier step built it) and
+# stops once it is ready.
+prep=$(mktemp -d /tmp/firkin-net-prep-XXXXXX)
+"$FIRKIN_BIN" serve --listen 127.0.0.1:0 --state-dir "$prep/state" --network tap \
+  --net-prefix fktp --warm-pool base=0 >"$prep/out.log" 2>"$prep/err.log" &
+prep_pid=$!
+for _ in $(seq 1 1800); do
+  grep -q "firkin is ready" "$prep/out.log" 2>/dev/null && break
+  kill -0 "$prep_pid" 2>/dev/null || { tail -20 "$prep/err.log" >&2; exit 1; }
+  sleep 1
+done
+kill -TERM "$prep_pid" 2>/dev/null || true
+wait "$prep_pid" 2>/dev/null || true
+grep -q "firkin is ready" "$prep/out.log" || { echo "the TAP base template was not ready within 30 min" >&2; tail -20 "$prep/err.log" >&2; exit 1; }
+rm -rf "$prep"
+
 HOST_NS=fkt-host INET_NS=fkt-inet
 HOST_IP=198.51.100.2 INET_IP=198.51.100.1
 ALLOWED=203.0.113.10 DENIED=203.0.113.20 OTHER=203.0.113.30 DNS=203.0.113.53 META=169.254.169.254

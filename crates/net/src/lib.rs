@@ -26,3 +26,8 @@ pub use error::{Cause, NetError, Step};
 pub use host::HostNet;
 pub use pool::SlotPool;
 pub use slot::Slot;
+
+/// Changes whenever what a guest sees of its slot changes (addresses, the gateway's MAC): a
+/// template snapshotted in a slot of another recipe may hold ARP entries or settings that no
+/// longer fit, so template builds include it in their fingerprint.
+pub const SLOT_RECIPE: u32 = 2;

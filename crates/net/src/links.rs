@@ -96,6 +96,15 @@ pub async fn rename(h: &Handle, from: &str, to: &str) -> Result<(), rtnetlink::E
         .await
 }
 
+/// Sets link `name`'s MAC address.
+pub async fn set_mac(h: &Handle, name: &str, mac: [u8; 6]) -> Result<(), rtnetlink::Error> {
+    let i = need(h, name).await?;
+    h.link()
+        .set(LinkUnspec::new_with_index(i).address(mac.to_vec()).build())
+        .execute()
+        .await
+}
+
 pub async fn up(h: &Handle, name: &str) -> Result<(), rtnetlink::Error> {
     let i = need(h, name).await?;
     h.link()

@@ -9,6 +9,10 @@ use crate::domains::DomainSet;
 use crate::error::{At, Cause, NetError, Step};
 use crate::{firewall, links, netns, sys};
 
+/// The MAC address of every slot's guest-facing device: locally administered, unicast. Slots
+/// are separate layer-2 networks, so the same address in all of them never meets itself.
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x66, 0x6b, 0x00, 0x00, 0x01];
+
 /// The guest stand-in's interface name inside its namespace.
 const STAND_IN_IF: &str = "eth0";
 
@@ -180,6 +184,13 @@ async fn build(c: &SlotConfig) -> Result<(), NetError> {
             stand_in(c, &inner, guest_ns).await?;
         }
     }
+    // Every slot's gateway has the same MAC address, as it has the same IP address: a guest
+    // restored into another slot than the one its snapshot was taken in (every clone, every
+    // resume) keeps its ARP entries for 10.0.2.2 and 10.0.2.3, and with a new MAC behind
+    // them its packets would be dropped until those entries expired (tens of seconds).
+    links::set_mac(&inner, &c.guest_if, GATEWAY_MAC)
+        .await
+        .at(ns, Step::Address)?;
     links::address(&inner, &c.guest_if, c.guest.gateway, c.guest.prefix)
         .await
         .at(ns, Step::Address)?;

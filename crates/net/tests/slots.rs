@@ -261,6 +261,16 @@ async fn the_pool_keeps_slots_ready_and_leaves_nothing() {
     // A real TAP, in the slot's namespace, ready for a QEMU started there.
     let inner = links::connect(Some(first.netns())).await.unwrap();
     assert!(links::index(&inner, "tap0").await.unwrap().is_some());
+    // Every slot's gateway has the one MAC a restored guest's ARP cache already holds.
+    let shown = std::process::Command::new("ip")
+        .args(["-n", first.netns(), "link", "show", "tap0"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains("02:66:6b:00:00:01"),
+        "{}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
     assert!(
         pool.wait_ready(2, Duration::from_secs(30)).await,
         "pool never refilled"
@@ -282,6 +292,24 @@ async fn the_pool_keeps_slots_ready_and_leaves_nothing() {
     for i in 0..4 {
         assert!(!netns::exists(&format!("fky-{i}")));
     }
+    assert!(!nft_table_exists("firkin-test-pool"));
+
+    // A server killed without its shutdown leaves its slots; the next pool of the prefix
+    // removes them before it builds any.
+    let config = PoolConfig {
+        ready: 0,
+        max: 3,
+        ..test_pool("fky", "198.18.251.0/24", "firkin-test-pool")
+    };
+    let crashed = SlotPool::start(config.clone()).unwrap();
+    let left = crashed.take_or_create().await.unwrap();
+    let left_name = left.netns().to_owned();
+    std::mem::forget(left);
+    assert!(netns::exists(&left_name));
+    let next = SlotPool::start(config).unwrap();
+    assert!(!netns::exists(&left_name), "{left_name} was not swept");
+    assert_eq!(root_links_named("fkyh").await, Vec::<String>::new());
+    next.shutdown().await.unwrap();
     assert!(!nft_table_exists("firkin-test-pool"));
 }
 

@@ -91,7 +91,7 @@ impl TemplateBuilder for QemuTemplateBuilder {
             .get_or_init(|| match self.assets.fingerprint(&self.cache, self.accel.accel) {
                 // A template snapshotted on a TAP restores only onto one (and a user-mode one
                 // only onto user-mode): the network is part of what makes builds equal.
-                Ok(f) if self.slots.is_some() => Some(format!("{f}+net=tap")),
+                Ok(f) if self.slots.is_some() => Some(format!("{f}+net=tap/{}", firkin_net::SLOT_RECIPE)),
                 Ok(f) => Some(f),
                 Err(err) => {
                     // Without it any finished build is adopted, as before fingerprints.
