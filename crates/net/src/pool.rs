@@ -17,13 +17,27 @@ use crate::slot::Slot;
 #[derive(Debug)]
 struct State {
     ready: VecDeque<Slot>,
-    /// Indices handed back, reused first so names and /30s stay dense.
-    free: Vec<u32>,
+    /// Indices handed back, oldest first. A fresh index is taken before any of these, and then
+    /// the one given back longest ago: a slot's address must not come back soon, because the
+    /// host may still hold idle keep-alive connections to it (the proxy's pool) that would
+    /// then reach another sandbox's guest, which resets them.
+    free: VecDeque<u32>,
     /// The next never-used index.
     next: u32,
     /// Slots that exist or are being built (ready + handed out + creating).
     live: usize,
     closed: bool,
+}
+
+impl State {
+    /// A fresh index while the range has one, else the one given back longest ago.
+    fn take_index(&mut self, capacity: u64) -> Option<u32> {
+        if u64::from(self.next) < capacity {
+            self.next += 1;
+            return Some(self.next - 1);
+        }
+        self.free.pop_front()
+    }
 }
 
 #[derive(Debug)]
@@ -67,7 +81,7 @@ impl SlotPool {
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 ready: VecDeque::with_capacity(config.ready),
-                free: Vec::new(),
+                free: VecDeque::new(),
                 next: 0,
                 live: 0,
                 closed: false,
@@ -111,11 +125,15 @@ impl SlotPool {
                 ));
             }
             st.live += 1;
-            match st.free.pop() {
+            match st.take_index(self.inner.config.capacity()) {
                 Some(i) => i,
                 None => {
-                    st.next += 1;
-                    st.next - 1
+                    st.live -= 1;
+                    return Err(NetError::new(
+                        format!("{}-*", self.inner.config.prefix),
+                        crate::error::Step::Config,
+                        crate::error::Cause::Other("the pool's range is used up".into()),
+                    ));
                 }
             }
         };
@@ -130,7 +148,7 @@ impl SlotPool {
         if made.is_err() {
             let mut st = self.inner.lock();
             st.live = st.live.saturating_sub(1);
-            st.free.push(index);
+            st.free.push_back(index);
         }
         made
     }
@@ -162,7 +180,7 @@ impl SlotPool {
         {
             let mut st = self.inner.lock();
             st.live = st.live.saturating_sub(1);
-            st.free.push(index);
+            st.free.push_back(index);
         }
         self.inner.wake.notify_one();
         done
@@ -213,13 +231,8 @@ fn next(inner: &Inner) -> Next {
     if st.ready.len() >= inner.config.ready || !creating_allowed {
         return Next::Wait;
     }
-    let index = match st.free.pop() {
-        Some(i) => i,
-        None => {
-            let i = st.next;
-            st.next += 1;
-            i
-        }
+    let Some(index) = st.take_index(inner.config.capacity()) else {
+        return Next::Wait;
     };
     st.live += 1;
     Next::Build(index)
@@ -268,7 +281,7 @@ async fn refill(inner: Arc<Inner>) {
                         {
                             let mut st = inner.lock();
                             st.live = st.live.saturating_sub(1);
-                            st.free.push(index);
+                            st.free.push_back(index);
                         }
                         tokio::time::sleep(RETRY).await;
                     }
