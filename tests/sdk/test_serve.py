@@ -43,6 +43,9 @@ BACKEND = os.environ.get("FIRKIN_TEST_BACKEND", "qemu")
 CACHE = os.environ.get("FIRKIN_CACHE_DIR", str(Path.home() / ".firkin" / "cache"))
 # The first start may build the default template (minutes under TCG).
 READY_TIMEOUT = float(os.environ.get("FIRKIN_TEST_READY_TIMEOUT", "1800"))
+# The sandboxes' network (`firkin serve --network`): a network of their own where the tests
+# run as root (as CI does), else QEMU's user-mode network.
+NETWORK = os.environ.get("FIRKIN_TEST_NETWORK", "tap" if os.geteuid() == 0 else "user")
 # Restored sandboxes each server keeps ready: the suite counts VMs against records.
 WARM = 1
 # The process each sandbox is: a VM, or a host agent.
@@ -142,6 +145,9 @@ class Serve:
             FIRKIN_CACHE_DIR=CACHE,
             FIRKIN_API_KEY=self.key,
             FIRKIN_LOG=os.environ.get("FIRKIN_LOG", "info"),
+            FIRKIN_NETWORK=NETWORK,
+            # Every server of the suite has its own slot names: servers run side by side.
+            FIRKIN_NET_PREFIX="t" + secrets.token_hex(2),
         )
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -739,8 +745,25 @@ def test_any_guest_port_by_header_host_and_get_host(server, sbx):
 
 
 @pytest.mark.skipif(BACKEND != "qemu", reason="the process backend's ports are host ports")
+def test_any_guest_port_is_reachable_in_a_network_slot(sbx):
+    # In its own network every port of a sandbox is reachable; nothing is forwarded, so there
+    # is no bound (user-mode networking has one: 64 forwards, a socket each in QEMU).
+    if NETWORK != "tap":
+        pytest.skip("per-sandbox networks only (FIRKIN_TEST_NETWORK=tap)")
+    with httpx.Client(timeout=60) as c:
+        for port in [*range(9000, 9070), 40000, 65535]:
+            r = c.get(sbx_url(sbx), headers=port_headers(sbx, port))
+            assert r.status_code == 502 and "port is not open" in r.json()["message"], r.text
+    marker = serve_http(sbx, 9069)
+    r = httpx.get(sbx_url(sbx), headers=port_headers(sbx, 9069), timeout=60)
+    assert r.status_code == 200 and marker in r.text, (r.status_code, r.text[:300])
+    stop_http(sbx, 9069)
+
+
 def test_forwards_per_sandbox_are_bounded(sbx):
     # Each forward is a listening socket in the sandbox's QEMU: 64 of them, then a clear error.
+    if NETWORK != "user":
+        pytest.skip("user-mode networking only (FIRKIN_TEST_NETWORK=user)")
     with httpx.Client(timeout=60) as c:
         for port in range(9000, 9064):
             r = c.get(sbx_url(sbx), headers=port_headers(sbx, port))

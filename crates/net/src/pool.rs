@@ -45,6 +45,8 @@ struct Inner {
     config: PoolConfig,
     /// One resolver (cache, connections) for every slot's DNS server.
     upstream: DnsUpstream,
+    /// Held until shutdown: no other pool may use (or sweep) these names meanwhile.
+    prefix_lock: Mutex<Option<nix::fcntl::Flock<std::fs::File>>>,
     state: Mutex<State>,
     wake: Notify,
     /// Woken whenever a slot becomes ready (tests and warm-up wait on it).
@@ -74,6 +76,7 @@ impl SlotPool {
     /// Removes what an earlier run with the same prefix left, sets up the host side and starts
     /// filling the pool in the background.
     pub fn start(config: PoolConfig) -> Result<Self, NetError> {
+        let lock = crate::sweep::claim_prefix(&config)?;
         crate::sweep::sweep(&config)?;
         let upstream = DnsUpstream::new(&config.dns_upstream)
             .at(&format!("{}-*", config.prefix), Step::Dns)?;
@@ -88,6 +91,7 @@ impl SlotPool {
             }),
             config,
             upstream,
+            prefix_lock: Mutex::new(Some(lock)),
             wake: Notify::new(),
             ready: Notify::new(),
         });
@@ -210,6 +214,12 @@ impl SlotPool {
         {
             first.get_or_insert(e);
         }
+        // Slots still handed out are their sessions' to destroy; the names are free again.
+        self.inner
+            .prefix_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         first.map_or(Ok(()), Err)
     }
 }

@@ -5,6 +5,38 @@
 use crate::config::PoolConfig;
 use crate::error::{Cause, NetError, Step};
 
+/// Where pools lock their prefix.
+const LOCK_DIR: &str = "/run/firkin";
+
+/// Claims `pool`'s prefix for this process (an exclusive `flock` on
+/// `/run/firkin/net-<prefix>.lock`, released when the process ends however it ends), so that a
+/// second server with the same prefix is refused instead of sweeping the first one's slots.
+pub(crate) fn claim_prefix(
+    pool: &PoolConfig,
+) -> Result<nix::fcntl::Flock<std::fs::File>, NetError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let who = format!("{}-*", pool.prefix);
+    std::fs::create_dir_all(LOCK_DIR).map_err(|e| NetError::new(&who, Step::Config, e))?;
+    let path = std::path::Path::new(LOCK_DIR).join(format!("net-{}.lock", pool.prefix));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| NetError::new(&who, Step::Config, e))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        NetError::new(
+            &who,
+            Step::Config,
+            Cause::Other(format!(
+                "another process holds {} ({errno}): two servers on one host need different \
+                 network prefixes (`firkin serve --net-prefix`)",
+                path.display()
+            )),
+        )
+    })
+}
+
 /// Indices of the slot namespaces of `pool` that exist now.
 fn leftover_indices(pool: &PoolConfig) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir(crate::netns::path("")) else {

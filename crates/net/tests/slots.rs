@@ -306,6 +306,12 @@ async fn the_pool_keeps_slots_ready_and_leaves_nothing() {
     let left_name = left.netns().to_owned();
     std::mem::forget(left);
     assert!(netns::exists(&left_name));
+    // While a pool holds the prefix, another is refused rather than sweeping its slots.
+    let err = SlotPool::start(config.clone()).unwrap_err();
+    assert!(err.to_string().contains("--net-prefix"), "{err}");
+    assert!(netns::exists(&left_name));
+    // A shut-down pool gives its prefix up (a killed process's lock goes with it).
+    crashed.shutdown().await.unwrap();
     let next = SlotPool::start(config).unwrap();
     assert!(!netns::exists(&left_name), "{left_name} was not swept");
     assert_eq!(root_links_named("fkyh").await, Vec::<String>::new());

@@ -219,6 +219,8 @@ pub struct QemuSession {
     /// [`SandboxSession::open_port`] added. A copy of the VM's list that `port_addr` can read
     /// without waiting for the VM's lock; written only under that lock.
     forwards: std::sync::Mutex<Vec<(u16, SocketAddr)>>,
+    /// In a network slot: the address at which every guest port is reached.
+    reach: Option<std::net::Ipv4Addr>,
     pid: u32,
     exit: watch::Receiver<Option<ExitInfo>>,
     stop_timeout: Duration,
@@ -256,6 +258,7 @@ impl QemuSession {
         Ok(Self {
             envd: envd_addr(&vm).map_err(QemuError::Vmm)?,
             forwards: std::sync::Mutex::new(vm.forwards().to_vec()),
+            reach: vm.reach(),
             pid: vm.pid(),
             exit: vm.exit_watch(),
             vm: Mutex::new(Some(vm)),
@@ -316,6 +319,9 @@ impl SandboxSession for QemuSession {
     }
 
     fn port_addr(&self, guest_port: u16) -> Option<SocketAddr> {
+        if let Some(ip) = self.reach {
+            return Some(SocketAddr::from((ip, guest_port)));
+        }
         lock(&self.forwards)
             .iter()
             .find(|(guest, _)| *guest == guest_port)
