@@ -8,6 +8,7 @@ tests/sdk/run-serve.sh builds everything and runs this file.
 
 import asyncio
 import concurrent.futures
+import itertools
 import os
 import secrets
 import shutil
@@ -46,6 +47,7 @@ READY_TIMEOUT = float(os.environ.get("FIRKIN_TEST_READY_TIMEOUT", "1800"))
 # The sandboxes' network (`firkin serve --network`): a network of their own where the tests
 # run as root (as CI does), else QEMU's user-mode network.
 NETWORK = os.environ.get("FIRKIN_TEST_NETWORK", "tap" if os.geteuid() == 0 else "user")
+SERVERS = itertools.count()
 # Restored sandboxes each server keeps ready: the suite counts VMs against records.
 WARM = 1
 # The process each sandbox is: a VM, or a host agent.
@@ -133,6 +135,10 @@ class Serve:
     def __init__(self, state_dir: str, key: str, port: int | None = None):
         self.state_dir = state_dir
         self.key = key
+        # Servers of the suite run side by side: each has its own slot names and addresses,
+        # kept across its restarts (a restarted server removes what its crashed run left).
+        n = next(SERVERS)
+        self.net_env = dict(FIRKIN_NET_PREFIX=f"t{os.getpid() % 100:02d}{n % 100:02d}", FIRKIN_NET_RANGE=f"198.19.{n % 256}.0/24")
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(os.path.dirname(state_dir), f"serve-{self.port}.log")
@@ -146,8 +152,7 @@ class Serve:
             FIRKIN_API_KEY=self.key,
             FIRKIN_LOG=os.environ.get("FIRKIN_LOG", "info"),
             FIRKIN_NETWORK=NETWORK,
-            # Every server of the suite has its own slot names: servers run side by side.
-            FIRKIN_NET_PREFIX="t" + secrets.token_hex(2),
+            **self.net_env,
         )
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(

@@ -128,6 +128,21 @@ pub async fn address(
         .await
 }
 
+/// Every IPv4 address of the namespace as (address, prefix length).
+pub async fn ipv4_addresses(h: &Handle) -> Result<Vec<(Ipv4Addr, u8)>, rtnetlink::Error> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let mut out = Vec::new();
+    let mut msgs = h.address().get().execute();
+    while let Some(msg) = msgs.try_next().await? {
+        for attr in &msg.attributes {
+            if let AddressAttribute::Address(IpAddr::V4(a)) = attr {
+                out.push((*a, msg.header.prefix_len));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Default route via `gateway` in the main table.
 pub async fn default_route(h: &Handle, gateway: Ipv4Addr) -> Result<(), rtnetlink::Error> {
     let route = RouteMessageBuilder::<Ipv4Addr>::new()

@@ -54,19 +54,20 @@ fn leftover_indices(pool: &PoolConfig) -> Vec<u32> {
         .collect()
 }
 
-/// Removes every slot of `pool` left by an earlier run. Blocking: it runs before the pool
-/// exists, on a thread with a runtime of its own, so that no create can race it.
+/// Removes every slot of `pool` left by an earlier run, then checks that nothing else on the
+/// host uses the pool's range. Blocking: it runs before the pool exists, on a thread with a
+/// runtime of its own, so that no create can race it.
 pub(crate) fn sweep(pool: &PoolConfig) -> Result<usize, NetError> {
     let leftovers: Vec<_> = leftover_indices(pool)
         .into_iter()
         .filter_map(|i| pool.slot(i))
         .collect();
-    if leftovers.is_empty() {
-        return Ok(0);
-    }
     let n = leftovers.len();
+    let range = pool.range;
     let who = format!("{}-*", pool.prefix);
+    let inner_who = who.clone();
     let done = std::thread::spawn(move || -> Result<(), NetError> {
+        let who = inner_who;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -75,12 +76,43 @@ pub(crate) fn sweep(pool: &PoolConfig) -> Result<usize, NetError> {
             for config in &leftovers {
                 crate::slot::teardown(config).await?;
             }
-            Ok(())
+            range_is_free(&range, &who).await
         })
     })
     .join()
     .map_err(|_| NetError::new(&who, Step::Destroy, Cause::Other("sweep panicked".into())))?;
     done?;
-    tracing::info!(slots = n, prefix = %pool.prefix, "removed network slots left by an earlier run");
+    if n > 0 {
+        tracing::info!(slots = n, prefix = %pool.prefix, "removed network slots left by an earlier run");
+    }
     Ok(n)
+}
+
+/// Refuses a range any address of this (the host's) namespace falls in once our own
+/// leftovers are gone: another server or the host uses it, and slots numbered from it would
+/// collide with its routes.
+async fn range_is_free(range: &crate::config::Ipv4Net, who: &str) -> Result<(), NetError> {
+    let root = crate::links::connect(None)
+        .await
+        .map_err(|e| NetError::new(who, Step::Config, e))?;
+    let taken = crate::links::ipv4_addresses(&root)
+        .await
+        .map_err(|e| NetError::new(who, Step::Config, e))?
+        .into_iter()
+        .find(|(a, len)| {
+            range.contains(*a)
+                || crate::config::Ipv4Net::new(*a, *len)
+                    .is_some_and(|n| n.contains(range.network()))
+        });
+    match taken {
+        Some((a, len)) => Err(NetError::new(
+            who,
+            Step::Config,
+            Cause::Other(format!(
+                "the slot range {range} overlaps {a}/{len}, which this host already uses \
+                 (another firkin server? give each its own `--net-range`)"
+            )),
+        )),
+        None => Ok(()),
+    }
 }

@@ -312,6 +312,13 @@ async fn the_pool_keeps_slots_ready_and_leaves_nothing() {
     assert!(netns::exists(&left_name));
     // A shut-down pool gives its prefix up (a killed process's lock goes with it).
     crashed.shutdown().await.unwrap();
+    // Another prefix on the same addresses is refused: its routes would collide.
+    let err = SlotPool::start(PoolConfig {
+        ready: 0,
+        ..test_pool("fkz", "198.18.251.0/24", "firkin-test-pool-z")
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("--net-range"), "{err}");
     let next = SlotPool::start(config).unwrap();
     assert!(!netns::exists(&left_name), "{left_name} was not swept");
     assert_eq!(root_links_named("fkyh").await, Vec::<String>::new());
