@@ -50,21 +50,7 @@ pub struct NetworkArgs {
 
 /// Why this host cannot give sandboxes networks of their own, if it cannot.
 pub fn tap_unavailable() -> Option<String> {
-    let mut missing = Vec::new();
-    if !nix::unistd::geteuid().is_root() {
-        missing.push("root (CAP_NET_ADMIN and CAP_SYS_ADMIN)");
-    }
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        missing.push("/dev/net/tun");
-    }
-    let nft = std::process::Command::new("nft")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !nft {
-        missing.push("the `nft` program (package nftables)");
-    }
-    (!missing.is_empty()).then(|| missing.join(", "))
+    firkin_net::missing_requirements()
 }
 
 /// Starts the slot pool the mode asks for; `None`: user-mode networking.

@@ -13,7 +13,7 @@ mod envd;
 pub use envd::EnvdInit;
 
 mod network;
-pub use network::{SandboxNetworkConfig, SandboxNetworkUpdate};
+pub use network::{EgressRules, SandboxNetworkConfig, SandboxNetworkUpdate};
 
 #[cfg(feature = "signature")]
 pub mod file_signature;

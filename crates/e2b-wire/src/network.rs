@@ -9,16 +9,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// `network` of `NewSandboxV2`, and `network` of `SandboxDetail` ("same shape as in create").
+/// The egress fields that create's `network` and the update body share.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SandboxNetworkConfig {
-    /// `false`: the sandbox's port URLs require its `trafficAccessToken`.
-    #[serde(
-        rename = "allowPublicTraffic",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub allow_public_traffic: Option<bool>,
+pub struct EgressRules {
     /// CIDRs, bare IPv4 addresses, domains or `*.domain`; allow beats deny.
     #[serde(rename = "allowOut", default, skip_serializing_if = "Option::is_none")]
     pub allow_out: Option<Vec<String>>,
@@ -40,6 +33,20 @@ pub struct SandboxNetworkConfig {
     pub egress_proxy: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<serde_json::Value>,
+}
+
+/// `network` of `NewSandboxV2`, and `network` of `SandboxDetail` ("same shape as in create").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxNetworkConfig {
+    /// `false`: the sandbox's port URLs require its `trafficAccessToken`.
+    #[serde(
+        rename = "allowPublicTraffic",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allow_public_traffic: Option<bool>,
+    #[serde(flatten)]
+    pub egress: EgressRules,
     #[serde(
         rename = "maskRequestHost",
         default,
@@ -58,24 +65,8 @@ pub struct SandboxNetworkConfig {
 /// sandbox's whole egress configuration: an omitted field is cleared.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxNetworkUpdate {
-    #[serde(rename = "allowOut", default, skip_serializing_if = "Option::is_none")]
-    pub allow_out: Option<Vec<String>>,
-    #[serde(rename = "denyOut", default, skip_serializing_if = "Option::is_none")]
-    pub deny_out: Option<Vec<String>>,
-    #[serde(
-        rename = "dnsServers",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub dns_servers: Option<Vec<String>>,
-    #[serde(
-        rename = "egressProxy",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub egress_proxy: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rules: Option<serde_json::Value>,
+    #[serde(flatten)]
+    pub egress: EgressRules,
     /// The one snake_case key, as in create: `false` is `denyOut: ["0.0.0.0/0"]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_internet_access: Option<bool>,
@@ -91,12 +82,18 @@ mod tests {
             "dnsServers":["9.9.9.9"],"egressProxy":null,"allow_internet_access":true,"x":1}"#;
         let u: SandboxNetworkUpdate = serde_json::from_str(body).unwrap();
         assert_eq!(
-            u.allow_out.as_deref(),
+            u.egress.allow_out.as_deref(),
             Some(&["1.1.1.1".to_owned(), "example.com".to_owned()][..])
         );
-        assert_eq!(u.deny_out.as_deref(), Some(&["0.0.0.0/0".to_owned()][..]));
-        assert_eq!(u.dns_servers.as_deref(), Some(&["9.9.9.9".to_owned()][..]));
-        assert_eq!(u.egress_proxy, None);
+        assert_eq!(
+            u.egress.deny_out.as_deref(),
+            Some(&["0.0.0.0/0".to_owned()][..])
+        );
+        assert_eq!(
+            u.egress.dns_servers.as_deref(),
+            Some(&["9.9.9.9".to_owned()][..])
+        );
+        assert_eq!(u.egress.egress_proxy, None);
         assert_eq!(u.allow_internet_access, Some(true));
         let back = serde_json::to_value(&u).unwrap();
         assert_eq!(back["allowOut"][1], "example.com");
@@ -112,7 +109,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(n.allow_public_traffic, Some(false));
-        assert!(n.egress_proxy.is_some() && n.rules.is_some() && n.https_ports.is_some());
+        assert!(
+            n.egress.egress_proxy.is_some() && n.egress.rules.is_some() && n.https_ports.is_some()
+        );
         assert_eq!(
             serde_json::to_string(&SandboxNetworkConfig::default()).unwrap(),
             "{}"

@@ -31,3 +31,33 @@ impl HostNet {
         firewall::apply(&firewall::remove_table(&self.table)).at(&self.table, Step::Destroy)
     }
 }
+
+/// What this process lacks to build slots, if anything: CAP_NET_ADMIN and CAP_SYS_ADMIN
+/// (namespaces, bind mounts, links, rules), `/dev/net/tun` and the `nft` program.
+pub fn missing_requirements() -> Option<String> {
+    let caps = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    const NET_ADMIN: u64 = 1 << 12;
+    const SYS_ADMIN: u64 = 1 << 21;
+    let mut missing = Vec::new();
+    if caps & NET_ADMIN == 0 || caps & SYS_ADMIN == 0 {
+        missing.push("CAP_NET_ADMIN and CAP_SYS_ADMIN (run as root)");
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        missing.push("/dev/net/tun");
+    }
+    let nft = std::process::Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !nft {
+        missing.push("the `nft` program (Debian package nftables)");
+    }
+    (!missing.is_empty()).then(|| missing.join(", "))
+}

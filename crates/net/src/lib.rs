@@ -23,7 +23,7 @@ pub use config::{EgressPolicy, GuestDevice, GuestNet, Ipv4Net, PoolConfig, SlotC
 pub use dns::{DnsUpstream, GrantError, UpstreamError};
 pub use domains::DomainSet;
 pub use error::{Cause, NetError, Step};
-pub use host::HostNet;
+pub use host::{HostNet, missing_requirements};
 pub use pool::SlotPool;
 pub use slot::Slot;
 

@@ -12,35 +12,13 @@ use firkin_net::{links, netns};
 /// (namespaces, bind mounts), `/dev/net/tun` and the `nft` program. Without them they say so
 /// and pass, so a developer's unprivileged `cargo test` stays green.
 pub fn privileged() -> bool {
-    let caps = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .unwrap_or(0);
-    const NET_ADMIN: u64 = 1 << 12;
-    const SYS_ADMIN: u64 = 1 << 21;
-    let mut missing = Vec::new();
-    if caps & NET_ADMIN == 0 || caps & SYS_ADMIN == 0 {
-        missing.push("CAP_NET_ADMIN and CAP_SYS_ADMIN (run as root)");
+    match firkin_net::missing_requirements() {
+        None => true,
+        Some(missing) => {
+            eprintln!("SKIPPED: network slot tests need {missing}");
+            false
+        }
     }
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        missing.push("/dev/net/tun");
-    }
-    let nft = std::process::Command::new("nft")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !nft {
-        missing.push("the `nft` program (Debian package nftables)");
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    eprintln!("SKIPPED: network slot tests need {}", missing.join(", "));
-    false
 }
 
 /// Serialises the tests of one binary: they share the host's forwarding switch.

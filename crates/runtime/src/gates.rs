@@ -163,10 +163,10 @@ mod tests {
     use firkin_artifacts::{DigestCache, SnapshotArtifactIntegrity};
     use firkin_types::{SandboxId, Size};
 
-    use crate::testing::{FakeLauncher, template, unit};
+    use crate::testing::{FakeLauncher, start, template, unit};
     use crate::{
-        DiskPressureProbe, EnvdInit, RuntimeConfig, RuntimeError, SandboxRuntime, SandboxSource,
-        SharedDiskProbe, StartSandbox, TemplateSnapshot,
+        DiskPressureProbe, RuntimeConfig, RuntimeError, SandboxRuntime, SharedDiskProbe,
+        TemplateSnapshot,
     };
 
     /// Reports whatever free space the test sets.
@@ -176,15 +176,6 @@ mod tests {
         type Error = std::convert::Infallible;
         fn available_disk(&mut self, _: &Path) -> Result<Size, Self::Error> {
             Ok(Size::bytes(self.0.load(Ordering::SeqCst)))
-        }
-    }
-
-    fn start(id: &str, t: &TemplateSnapshot) -> StartSandbox {
-        StartSandbox {
-            sandbox_id: SandboxId::new(id).unwrap(),
-            source: SandboxSource::Template(t.clone()),
-            init: EnvdInit::default(),
-            network: None,
         }
     }
 

@@ -211,3 +211,13 @@ pub(crate) fn template(dir: &Path, build: &str) -> TemplateSnapshot {
     )
     .unwrap()
 }
+
+/// A create of sandbox `id` from template `t`, with nothing else asked.
+pub fn start(id: &str, t: &TemplateSnapshot) -> crate::StartSandbox {
+    crate::StartSandbox {
+        sandbox_id: firkin_types::SandboxId::new(id).unwrap(),
+        source: crate::SandboxSource::Template(t.clone()),
+        init: EnvdInit::default(),
+        network: None,
+    }
+}

@@ -12,7 +12,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use firkin_e2b_wire::{ApiError, SandboxNetworkConfig, SandboxNetworkUpdate};
+use firkin_e2b_wire::{ApiError, EgressRules, SandboxNetworkConfig, SandboxNetworkUpdate};
 use firkin_net::{EgressPolicy, Ipv4Net, Verdict};
 
 /// Most entries `allowOut` or `denyOut` may hold. Every entry becomes firewall state per
@@ -128,11 +128,7 @@ pub fn from_create(
         }
     };
     parse(&SandboxNetworkUpdate {
-        allow_out: network.allow_out,
-        deny_out: network.deny_out,
-        dns_servers: network.dns_servers,
-        egress_proxy: network.egress_proxy,
-        rules: network.rules,
+        egress: network.egress,
         allow_internet_access,
     })
 }
@@ -141,23 +137,23 @@ pub fn from_create(
 /// that shape). `Ok(None)`: the request restricts nothing (nothing denied and the default is
 /// allow, so allow entries change nothing); such a PUT clears the sandbox's policy.
 pub fn parse(req: &SandboxNetworkUpdate) -> Result<Option<Egress>, EgressError> {
-    if is_set(req.egress_proxy.as_ref()) {
+    if is_set(req.egress.egress_proxy.as_ref()) {
         return Err(EgressError::Unsupported {
             what: "egressProxy (tunnelling egress through a SOCKS5 proxy)",
         });
     }
-    if is_set(req.rules.as_ref()) {
+    if is_set(req.egress.rules.as_ref()) {
         return Err(EgressError::Unsupported {
             what: "rules (per-domain request transforms)",
         });
     }
-    let allow_out = req.allow_out.as_deref().unwrap_or_default();
-    let deny_out = req.deny_out.as_deref().unwrap_or_default();
+    let allow_out = req.egress.allow_out.as_deref().unwrap_or_default();
+    let deny_out = req.egress.deny_out.as_deref().unwrap_or_default();
     bounded("allowOut", allow_out.len(), MAX_ENTRIES)?;
     bounded("denyOut", deny_out.len(), MAX_ENTRIES)?;
     bounded(
         "dnsServers",
-        req.dns_servers.as_ref().map_or(0, Vec::len),
+        req.egress.dns_servers.as_ref().map_or(0, Vec::len),
         MAX_DNS_SERVERS,
     )?;
 
@@ -197,7 +193,7 @@ pub fn parse(req: &SandboxNetworkUpdate) -> Result<Option<Egress>, EgressError> 
             }
         }
     }
-    let dns = dns_servers(req.dns_servers.as_deref())?;
+    let dns = dns_servers(req.egress.dns_servers.as_deref())?;
     if !allow_domains.is_empty() {
         let servers = dns.unwrap_or_else(|| vec![DEFAULT_DNS_SERVER]);
         allow.extend(servers.into_iter().filter_map(|ip| Ipv4Net::new(ip, 32)));
@@ -212,11 +208,13 @@ pub fn parse(req: &SandboxNetworkUpdate) -> Result<Option<Egress>, EgressError> 
         return Ok(None);
     }
     let request = SandboxNetworkUpdate {
-        allow_out: (!allow_shown.is_empty()).then_some(allow_shown),
-        deny_out: (!deny_out.is_empty()).then(|| deny_out.to_vec()),
-        dns_servers: req.dns_servers.clone(),
-        egress_proxy: None,
-        rules: None,
+        egress: EgressRules {
+            allow_out: (!allow_shown.is_empty()).then_some(allow_shown),
+            deny_out: (!deny_out.is_empty()).then(|| deny_out.to_vec()),
+            dns_servers: req.egress.dns_servers.clone(),
+            egress_proxy: None,
+            rules: None,
+        },
         allow_internet_access: (!internet).then_some(false),
     };
     Ok(Some(Egress {
@@ -237,9 +235,12 @@ pub fn detail_network(egress: Option<&Egress>, private: bool) -> Option<SandboxN
     let req = egress.map(Egress::request);
     let network = SandboxNetworkConfig {
         allow_public_traffic: private.then_some(false),
-        allow_out: req.and_then(|r| r.allow_out.clone()),
-        deny_out: req.and_then(|r| r.deny_out.clone()),
-        dns_servers: req.and_then(|r| r.dns_servers.clone()),
+        egress: EgressRules {
+            allow_out: req.and_then(|r| r.egress.allow_out.clone()),
+            deny_out: req.and_then(|r| r.egress.deny_out.clone()),
+            dns_servers: req.and_then(|r| r.egress.dns_servers.clone()),
+            ..EgressRules::default()
+        },
         ..SandboxNetworkConfig::default()
     };
     (network != SandboxNetworkConfig::default()).then_some(network)

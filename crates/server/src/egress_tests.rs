@@ -89,7 +89,7 @@ fn domains_are_normalised_and_open_the_dns_servers() {
     assert_eq!(p.allow, vec![net("1.1.1.1/32"), net("8.8.8.8/32")]);
     assert_eq!(p.default, Verdict::Deny);
     assert_eq!(
-        e.request().allow_out.as_deref().unwrap(),
+        e.request().egress.allow_out.as_deref().unwrap(),
         ["example.com", "*.pypi.org", "1.1.1.1"]
     );
 

@@ -50,14 +50,7 @@ async fn queued_start(
     waiting
 }
 
-fn start(id: &str, t: &TemplateSnapshot) -> StartSandbox {
-    StartSandbox {
-        sandbox_id: SandboxId::new(id).unwrap(),
-        source: SandboxSource::Template(t.clone()),
-        init: EnvdInit::default(),
-        network: None,
-    }
-}
+use crate::testing::start;
 
 fn sid(s: &str) -> SandboxId {
     SandboxId::new(s).unwrap()
