@@ -621,6 +621,16 @@ mod tests {
         );
         assert!(json.contains(r#""right":53"#), "{json}");
         assert!(json.contains(r#""right":"@allow_dns""#), "{json}");
+        // A slot made with a policy without domains redirects nothing to the proxy; with
+        // domains (and a default that denies), it does from the start.
+        assert!(!json.contains(r#""port":10443"#), "{json}");
+        let mut with_domains = slot.clone();
+        with_domains.policy = EgressPolicy {
+            allow_domains: vec!["allowed.test".into()],
+            ..EgressPolicy::deny_all()
+        };
+        let made = serde_json::to_string(&slot_ruleset(&with_domains)).unwrap();
+        assert!(made.contains(r#""port":10443"#), "{made}");
         let update =
             serde_json::to_string(&policy_update(&slot, &EgressPolicy::default())).unwrap();
         assert!(update.contains(r#"{"flush":{"set":"#), "{update}");
