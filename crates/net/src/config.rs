@@ -140,7 +140,9 @@ pub struct EgressPolicy {
     /// Domains whose addresses are allowed (E2B's domain entries in `allowOut`): an exact name
     /// (`example.com`) or one leading wildcard (`*.example.com`, any depth of subdomain, not
     /// the apex), lowercase, without a trailing dot. An address the slot's DNS resolved for a
-    /// matching name is allowed like an `allow` entry, for as long as the answer's TTL.
+    /// matching name is allowed like an `allow` entry, for as long as the answer's TTL; and a
+    /// TCP connection to port 443 or 80 that the CIDRs and grants do not allow passes if its
+    /// TLS SNI or HTTP `Host` is a matching name (the slot's domain proxy, `proxy.rs`).
     pub allow_domains: Vec<String>,
     pub default: Verdict,
 }

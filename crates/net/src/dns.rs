@@ -188,6 +188,11 @@ impl Grants {
         Ok(())
     }
 
+    /// The domains allowed now (the proxy asks when a connection's name is known).
+    pub(crate) async fn domains(&self) -> DomainSet {
+        self.state.lock().await.domains.clone()
+    }
+
     /// Grants `addrs` (with their TTLs) if `name` is allowed; an address granted with at least
     /// half its new time still left is skipped, and with nothing left to grant nothing runs.
     async fn grant(&self, name: &str, addrs: &[(Ipv4Addr, u32)]) -> Result<(), GrantError> {
@@ -280,7 +285,7 @@ impl DnsServer {
         Ok(Self { tasks, grants })
     }
 
-    pub(crate) fn grants(&self) -> &Grants {
+    pub(crate) fn grants(&self) -> &Arc<Grants> {
         &self.grants
     }
 

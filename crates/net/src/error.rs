@@ -18,6 +18,7 @@ pub enum Step {
     Policy,
     GuestStandIn,
     Dns,
+    Proxy,
     Destroy,
 }
 

@@ -10,7 +10,8 @@
 //!   slot's veth address, the host's connections to that address are DNATed to the guest (the
 //!   sandbox plane's path to guest ports), and the guest's new connections pass the
 //!   always-denied ranges and then the slot's [`EgressPolicy`] chain, which is swapped at run
-//!   time.
+//!   time; with domains in the policy, the web connections that chain would refuse are DNATed
+//!   to the slot's domain proxy instead (chain `domain_redirect`, swapped with the policy).
 
 use std::borrow::Cow;
 
@@ -26,6 +27,7 @@ use nftables::stmt::{JumpTarget, Match, NAT, NATFamily, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use crate::config::{EgressPolicy, Ipv4Net, PoolConfig, SlotConfig, Verdict};
+use crate::domains::DomainSet;
 
 /// The slot namespace's table (alone in its namespace, so a fixed name).
 pub const SLOT_TABLE: &str = "firkin";
@@ -33,6 +35,15 @@ const POLICY_CHAIN: &str = "policy";
 /// The addresses the slot's DNS server resolved for an allowed domain, each for its answer's
 /// TTL (see [`crate::dns`]).
 pub const ALLOW_DNS_SET: &str = "allow_dns";
+/// The chain of the slot's NAT prerouting that sends a guest's new connections to ports 80 and
+/// 443 to the slot's SNI/Host proxy (see [`crate::proxy`]); filled by the policy, empty
+/// (so the pure-kernel path) when the policy has no domains.
+const PROXY_CHAIN: &str = "domain_redirect";
+/// The ports whose connections the proxy decides on by name (HTTP, TLS).
+pub const PROXY_PORTS: [u16; 2] = [80, 443];
+/// Where the proxy listens: this port of the guest's gateway address, reached only through
+/// the redirect (a guest connecting there itself is refused by the input chain).
+pub const PROXY_PORT: u16 = 10443;
 
 /// Destinations a guest may never reach, whatever its policy: "this network", loopback,
 /// link-local (cloud metadata lives at 169.254.169.254), multicast and reserved. The pool's own
@@ -278,6 +289,72 @@ pub fn remove_table(table: &str) -> Nftables<'static> {
     b.build()
 }
 
+/// Every destination no guest connection may reach, whatever the policy: [`ALWAYS_DENIED`],
+/// the pool's range (the host's and every slot's veth addresses) and the guest's own subnet
+/// (the slot's local addresses). The proxy checks its upstream connections against it too.
+pub fn always_denied(slot: &SlotConfig) -> Vec<Ipv4Net> {
+    let mut denied: Vec<Ipv4Net> = ALWAYS_DENIED
+        .iter()
+        .filter_map(|(a, b2, c, d, len)| Ipv4Net::new([*a, *b2, *c, *d].into(), *len))
+        .collect();
+    denied.push(slot.range);
+    denied.push(slot.guest.subnet());
+    denied
+}
+
+/// The redirect chain's rules: nothing without domains; with them, a connection the policy
+/// chain would not accept (not in `@allow_dns`, not in an `allow` CIDR, and denied by a
+/// `deny` CIDR or the default) goes to the proxy instead, which decides by the name it
+/// announces. Always-denied destinations are never redirected: the forward chain refuses them.
+fn redirect_rules(b: &mut Builder, slot: &SlotConfig, policy: &EgressPolicy) {
+    if DomainSet::new(&policy.allow_domains).is_empty() {
+        return;
+    }
+    let ret = || Statement::Return(None);
+    for n in always_denied(slot) {
+        b.rule(
+            PROXY_CHAIN,
+            vec![matches(ip("daddr"), Operator::EQ, net(n)), ret()],
+        );
+    }
+    b.rule(
+        PROXY_CHAIN,
+        vec![
+            matches(ip("daddr"), Operator::EQ, s(format!("@{ALLOW_DNS_SET}"))),
+            ret(),
+        ],
+    );
+    for n in &policy.allow {
+        b.rule(
+            PROXY_CHAIN,
+            vec![matches(ip("daddr"), Operator::EQ, net(*n)), ret()],
+        );
+    }
+    let to_proxy = || {
+        Statement::DNAT(Some(NAT {
+            addr: Some(s(slot.guest.gateway.to_string())),
+            family: Some(NATFamily::IP),
+            port: Some(Expression::Number(u32::from(PROXY_PORT))),
+            flags: None,
+        }))
+    };
+    // nft maps a port only after a transport protocol match in the same rule.
+    let tcp = || matches(meta(MetaKey::L4proto), Operator::EQ, s("tcp"));
+    for n in &policy.deny {
+        b.rule(
+            PROXY_CHAIN,
+            vec![
+                matches(ip("daddr"), Operator::EQ, net(*n)),
+                tcp(),
+                to_proxy(),
+            ],
+        );
+    }
+    if policy.default == Verdict::Deny {
+        b.rule(PROXY_CHAIN, vec![tcp(), to_proxy()]);
+    }
+}
+
 fn policy_rules(b: &mut Builder, policy: &EgressPolicy) {
     // Domain grants are allows, and an allow beats a deny: first. The rule is there whatever
     // the policy; with no domains the set stays empty.
@@ -339,6 +416,25 @@ pub fn slot_ruleset(slot: &SlotConfig) -> Nftables<'static> {
             })),
         ],
     );
+    // A policy with domains sends some of the guest's web connections to the proxy.
+    b.batch.add(NfListObject::Chain(b.chain_def(PROXY_CHAIN)));
+    for port in PROXY_PORTS {
+        b.rule(
+            "prerouting",
+            vec![
+                iif(guest_if),
+                matches(meta(MetaKey::Nfproto), Operator::EQ, s("ipv4")),
+                matches(
+                    l4("dport", "tcp"),
+                    Operator::EQ,
+                    Expression::Number(u32::from(port)),
+                ),
+                Statement::Jump(JumpTarget {
+                    target: PROXY_CHAIN.into(),
+                }),
+            ],
+        );
+    }
     // Every slot's guest has the same address; leaving, it becomes the slot's.
     b.base_chain(
         "postrouting",
@@ -382,6 +478,21 @@ pub fn slot_ruleset(slot: &SlotConfig) -> Nftables<'static> {
             ],
         );
     }
+    // And the proxy, for the connections the redirect sent there (never a direct one).
+    b.rule(
+        "input",
+        vec![
+            iif(guest_if),
+            matches(ip("daddr"), Operator::EQ, s(slot.guest.gateway.to_string())),
+            matches(
+                l4("dport", "tcp"),
+                Operator::EQ,
+                Expression::Number(u32::from(PROXY_PORT)),
+            ),
+            matches(ct("status"), Operator::IN, s("dnat")),
+            accept(),
+        ],
+    );
     b.rule("input", vec![iif(guest_if), reject()]);
 
     b.base_chain(
@@ -421,12 +532,7 @@ pub fn slot_ruleset(slot: &SlotConfig) -> Nftables<'static> {
             drop_(),
         ],
     );
-    let mut denied: Vec<Ipv4Net> = ALWAYS_DENIED
-        .iter()
-        .filter_map(|(a, b2, c, d, len)| Ipv4Net::new([*a, *b2, *c, *d].into(), *len))
-        .collect();
-    denied.push(slot.range);
-    for n in denied {
+    for n in always_denied(slot) {
         b.rule(
             "forward",
             vec![
@@ -456,6 +562,7 @@ pub fn slot_ruleset(slot: &SlotConfig) -> Nftables<'static> {
         ],
     );
     policy_rules(&mut b, &slot.policy);
+    redirect_rules(&mut b, slot, &slot.policy);
     b.build()
 }
 
@@ -471,14 +578,18 @@ fn allow_dns_set() -> Set<'static> {
 
 /// Swaps a slot's policy chain in one transaction: connections already established keep
 /// going (the forward chain accepts them before the policy), new ones see the new policy.
-/// The domain grants go in the same transaction: they were made for the old policy's domains.
-pub fn policy_update(policy: &EgressPolicy) -> Nftables<'static> {
+/// The domain grants go in the same transaction: they were made for the old policy's domains;
+/// and so does the redirect to the proxy, on or off with the domains.
+pub fn policy_update(slot: &SlotConfig, policy: &EgressPolicy) -> Nftables<'static> {
     let mut b = Builder::new(SLOT_TABLE);
     b.batch
         .add_cmd(NfCmd::Flush(FlushObject::Chain(b.chain_def(POLICY_CHAIN))));
     b.batch
+        .add_cmd(NfCmd::Flush(FlushObject::Chain(b.chain_def(PROXY_CHAIN))));
+    b.batch
         .add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(allow_dns_set()))));
     policy_rules(&mut b, policy);
+    redirect_rules(&mut b, slot, policy);
     b.build()
 }
 
@@ -510,8 +621,31 @@ mod tests {
         );
         assert!(json.contains(r#""right":53"#), "{json}");
         assert!(json.contains(r#""right":"@allow_dns""#), "{json}");
-        let update = serde_json::to_string(&policy_update(&EgressPolicy::default())).unwrap();
+        // A slot made with a policy without domains redirects nothing to the proxy; with
+        // domains (and a default that denies), it does from the start.
+        assert!(!json.contains(r#""port":10443"#), "{json}");
+        let mut with_domains = slot.clone();
+        with_domains.policy = EgressPolicy {
+            allow_domains: vec!["allowed.test".into()],
+            ..EgressPolicy::deny_all()
+        };
+        let made = serde_json::to_string(&slot_ruleset(&with_domains)).unwrap();
+        assert!(made.contains(r#""port":10443"#), "{made}");
+        let update =
+            serde_json::to_string(&policy_update(&slot, &EgressPolicy::default())).unwrap();
         assert!(update.contains(r#"{"flush":{"set":"#), "{update}");
+        // No domains: the redirect chain is flushed and left empty.
+        assert!(update.contains(r#""name":"domain_redirect""#), "{update}");
+        assert!(!update.contains("dnat"), "{update}");
+        let domains = EgressPolicy {
+            allow_domains: vec!["allowed.test".into()],
+            ..EgressPolicy::deny_all()
+        };
+        let update = serde_json::to_string(&policy_update(&slot, &domains)).unwrap();
+        assert!(
+            update.contains(r#""dnat":{"addr":"10.0.2.2","family":"ip","port":10443}"#),
+            "{update}"
+        );
         let host = serde_json::to_string(&host_ruleset(&pool)).unwrap();
         assert!(host.contains(r#""right":"fkh*""#), "{host}");
     }

@@ -7,6 +7,7 @@ use crate::config::{EgressPolicy, GuestDevice, SlotConfig};
 use crate::dns::{DnsServer, DnsUpstream};
 use crate::domains::DomainSet;
 use crate::error::{At, Cause, NetError, Step};
+use crate::proxy::Proxy;
 use crate::{firewall, links, netns, sys};
 
 /// The MAC address of every slot's guest-facing device: locally administered, unicast. Slots
@@ -23,6 +24,9 @@ pub struct Slot {
     config: SlotConfig,
     /// The guest's DNS server; `None` only once the slot is destroyed.
     dns: Option<DnsServer>,
+    /// The domain proxy (see [`crate::proxy`]); listening in every slot, reached only while
+    /// the policy has domains. `None` only once the slot is destroyed.
+    proxy: Option<Proxy>,
     live: bool,
 }
 
@@ -51,10 +55,18 @@ impl Slot {
             .at(&config.netns, Step::Dns),
             Err(e) => Err(e),
         };
+        let built = match built {
+            Ok(dns) => Proxy::start(&config, std::sync::Arc::clone(dns.grants()))
+                .await
+                .map(|proxy| (dns, proxy))
+                .at(&config.netns, Step::Proxy),
+            Err(e) => Err(e),
+        };
         match built {
-            Ok(dns) => Ok(Self {
+            Ok((dns, proxy)) => Ok(Self {
                 config,
                 dns: Some(dns),
+                proxy: Some(proxy),
                 live: true,
             }),
             Err(e) => {
@@ -77,9 +89,12 @@ impl Slot {
 
     /// Replaces the guest's egress policy; new connections see it at once. Addresses granted
     /// for the old policy's domains are revoked in the same transaction, and the DNS server
-    /// matches the new domains from then on.
+    /// matches the new domains from then on. The redirect of web connections to the domain
+    /// proxy is switched on (the policy has domains) or off in the same transaction, and the
+    /// proxy decides by the new domains from then on, connections it already passed on
+    /// excepted.
     pub async fn set_policy(&mut self, policy: EgressPolicy) -> Result<(), NetError> {
-        let ruleset = firewall::policy_update(&policy);
+        let ruleset = firewall::policy_update(&self.config, &policy);
         let domains = DomainSet::new(&policy.allow_domains);
         match &self.dns {
             Some(dns) => dns
@@ -102,7 +117,8 @@ impl Slot {
     /// Removes everything of the slot; safe to call on a half-built one.
     pub async fn destroy(mut self) -> Result<(), NetError> {
         self.live = false;
-        // Stopped first: its sockets hold the namespace open.
+        // Stopped first: their sockets hold the namespace open.
+        self.proxy = None;
         self.dns = None;
         teardown(&self.config).await
     }
@@ -110,6 +126,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.proxy = None;
         self.dns = None;
         if !self.live {
             return;

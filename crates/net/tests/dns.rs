@@ -26,6 +26,9 @@ const HOST_END: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 5);
 const GUEST_DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 const ROUTE_TABLE: u32 = 7701;
+/// The hosts' listening port: not 80 or 443, whose connections a policy with domains hands
+/// to the slot's domain proxy (`proxy.rs`); here the kernel's grants alone decide.
+const WEB: u16 = 8080;
 const GUEST_NS: &str = "fkd-g";
 const INET_NS: &str = "fkd-inet";
 
@@ -236,7 +239,7 @@ fn deny_all_but(domains: &[&str]) -> EgressPolicy {
 }
 
 /// Slot `fkd-0` with its guest stand-in in `fkd-g`, the internet namespace with the upstream
-/// and listeners on port 80 of both hosts. Everything is registered in `clean` first.
+/// and listeners on port [`WEB`] of both hosts. Everything is registered in `clean` first.
 async fn setup(clean: &mut Cleanup, policy: EgressPolicy) -> (Slot, HostNet) {
     for ns in ["fkd-0", GUEST_NS, INET_NS] {
         clean.namespaces.push(ns.into());
@@ -290,7 +293,7 @@ async fn setup(clean: &mut Cleanup, policy: EgressPolicy) -> (Slot, HostNet) {
         .unwrap();
     clean.tasks.push(upstream(INET_NS, sa(UPSTREAM, 53)).await);
     for ip in [ALLOWED, OTHER] {
-        let (_, t) = listen(Some(INET_NS), sa(ip, 80)).await;
+        let (_, t) = listen(Some(INET_NS), sa(ip, WEB)).await;
         clean.tasks.push(t);
     }
 
@@ -315,8 +318,8 @@ async fn the_guests_name_server_answers_and_opens_allowed_domains_only() {
 
     // (b) Before any lookup, the policy refuses both hosts, at once.
     let started = Instant::now();
-    assert!(refused(&probe(GUEST_NS, sa(ALLOWED, 80)).await));
-    assert!(refused(&probe(GUEST_NS, sa(OTHER, 80)).await));
+    assert!(refused(&probe(GUEST_NS, sa(ALLOWED, WEB)).await));
+    assert!(refused(&probe(GUEST_NS, sa(OTHER, WEB)).await));
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "refusals were slow"
@@ -329,7 +332,7 @@ async fn the_guests_name_server_answers_and_opens_allowed_domains_only() {
         Ok((ResponseCode::NoError, vec![OTHER]))
     );
     // A lookup of a name that is not allowed opens nothing.
-    assert!(refused(&probe(GUEST_NS, sa(OTHER, 80)).await));
+    assert!(refused(&probe(GUEST_NS, sa(OTHER, WEB)).await));
     assert_eq!(
         resolve("nope.test").await,
         Ok((ResponseCode::NXDomain, vec![]))
@@ -342,10 +345,10 @@ async fn the_guests_name_server_answers_and_opens_allowed_domains_only() {
     let first = first.elapsed();
     // (b) The answer's address is open as soon as the guest has the answer.
     assert_eq!(
-        probe(GUEST_NS, sa(ALLOWED, 80)).await,
+        probe(GUEST_NS, sa(ALLOWED, WEB)).await,
         Ok(format!("hello {HOST_END}"))
     );
-    assert!(refused(&probe(GUEST_NS, sa(OTHER, 80)).await));
+    assert!(refused(&probe(GUEST_NS, sa(OTHER, WEB)).await));
     // In the set for the answer's TTL (300 s, within the 60 s..1 h clamp), and alone.
     assert_eq!(granted(slot.netns()), vec![(ALLOWED, 300)]);
     // Over TCP too; AAAA is answered without addresses (the slot has no IPv6) but keeps
@@ -419,7 +422,7 @@ async fn the_guests_name_server_answers_and_opens_allowed_domains_only() {
         .await
         .unwrap();
     assert!(
-        refused(&probe(GUEST_NS, sa(ALLOWED, 80)).await),
+        refused(&probe(GUEST_NS, sa(ALLOWED, WEB)).await),
         "a policy change kept an old grant"
     );
     assert_eq!(granted(slot.netns()), vec![]);
@@ -450,44 +453,44 @@ async fn the_guests_name_server_answers_and_opens_allowed_domains_only() {
         skipping / ROUNDS,
         (granting.saturating_sub(skipping)) / ROUNDS
     );
-    assert!(probe(GUEST_NS, sa(ALLOWED, 80)).await.is_ok());
+    assert!(probe(GUEST_NS, sa(ALLOWED, WEB)).await.is_ok());
 
     // (c) A wildcard covers any depth below, not the apex.
     slot.set_policy(deny_all_but(&["*.allowed.test"]))
         .await
         .unwrap();
-    assert!(refused(&probe(GUEST_NS, sa(ALLOWED, 80)).await));
+    assert!(refused(&probe(GUEST_NS, sa(ALLOWED, WEB)).await));
     assert_eq!(
         resolve("allowed.test").await,
         Ok((ResponseCode::NoError, vec![ALLOWED]))
     );
     assert!(
-        refused(&probe(GUEST_NS, sa(ALLOWED, 80)).await),
+        refused(&probe(GUEST_NS, sa(ALLOWED, WEB)).await),
         "*.allowed.test opened the apex"
     );
     assert_eq!(
         resolve("a.b.allowed.test").await,
         Ok((ResponseCode::NoError, vec![ALLOWED]))
     );
-    assert!(probe(GUEST_NS, sa(ALLOWED, 80)).await.is_ok());
+    assert!(probe(GUEST_NS, sa(ALLOWED, WEB)).await.is_ok());
 
     // (d) A policy without the domain revokes its grant, and a new lookup does not bring it
     // back; the new policy's domain works.
     slot.set_policy(deny_all_but(&["other.test"]))
         .await
         .unwrap();
-    assert!(refused(&probe(GUEST_NS, sa(ALLOWED, 80)).await));
+    assert!(refused(&probe(GUEST_NS, sa(ALLOWED, WEB)).await));
     assert_eq!(
         resolve("a.b.allowed.test").await,
         Ok((ResponseCode::NoError, vec![ALLOWED]))
     );
-    assert!(refused(&probe(GUEST_NS, sa(ALLOWED, 80)).await));
-    assert!(refused(&probe(GUEST_NS, sa(OTHER, 80)).await));
+    assert!(refused(&probe(GUEST_NS, sa(ALLOWED, WEB)).await));
+    assert!(refused(&probe(GUEST_NS, sa(OTHER, WEB)).await));
     assert_eq!(
         resolve("other.test").await,
         Ok((ResponseCode::NoError, vec![OTHER]))
     );
-    assert!(probe(GUEST_NS, sa(OTHER, 80)).await.is_ok());
+    assert!(probe(GUEST_NS, sa(OTHER, WEB)).await.is_ok());
 
     slot.destroy().await.unwrap();
     host.remove().unwrap();
@@ -535,7 +538,7 @@ async fn the_guest_reaches_nothing_else_of_the_slot() {
         resolve("allowed.test").await,
         Ok((ResponseCode::NoError, vec![ALLOWED]))
     );
-    assert!(probe(GUEST_NS, sa(OTHER, 80)).await.is_ok());
+    assert!(probe(GUEST_NS, sa(OTHER, WEB)).await.is_ok());
 
     slot.destroy().await.unwrap();
     host.remove().unwrap();
