@@ -43,7 +43,7 @@ fi
 # stops once it is ready.
 prep=$(mktemp -d /tmp/firkin-net-prep-XXXXXX)
 "$FIRKIN_BIN" serve --listen 127.0.0.1:0 --state-dir "$prep/state" --network tap \
-  --net-prefix fktp --warm-pool base=0 >"$prep/out.log" 2>"$prep/err.log" &
+  --net-prefix fktp --net-range 198.19.254.0/24 --warm-pool base=0 >"$prep/out.log" 2>"$prep/err.log" &
 prep_pid=$!
 for _ in $(seq 1 1800); do
   grep -q "firkin is ready" "$prep/out.log" 2>/dev/null && break

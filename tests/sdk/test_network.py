@@ -38,7 +38,8 @@ NET_PREFIX = os.environ.get("FIRKIN_TESTNET_PREFIX", "fkt")
 # The guest's side of every slot: its gateway, and firkin's DNS server for it.
 GUEST_GATEWAY = "10.0.2.2"
 GUEST_DNS = "10.0.2.3"
-# Slots' /30s (the runtime's default range): the first ones are probed besides those found.
+# The slot range the server under test numbers its slots from (its first /30s are probed).
+SLOT_RANGE = "198.18.0.0/16"
 SLOT_RANGE_FIRST = (198, 18, 0, 0)
 ENVD_PORT = 49983
 
@@ -47,7 +48,10 @@ def serve_flags(network: str = "tap", prefix: str = NET_PREFIX) -> list[str]:
     """The issue-12 flags of `firkin serve` this suite relies on, in one place."""
     if network == "user":
         return ["--network", "user"]
-    return ["--network", network, "--net-prefix", prefix, "--dns-upstream", DNS_UPSTREAM]
+    return [
+        "--network", network, "--net-prefix", prefix, "--net-range", SLOT_RANGE,
+        "--dns-upstream", DNS_UPSTREAM,
+    ]
 
 
 def _serve_help() -> str:
@@ -335,6 +339,12 @@ def test_allow_out_by_domain_update_network_and_pause_keep_the_policy(server):
         assert fetch(s, "http://denied.test/", timeout=3) is None
         assert fetch(s, f"http://{DENIED_IP}/", timeout=3) is None
         assert fetch(s, f"http://{OTHER_IP}/", timeout=3) is None
+        # A connection that names an allowed domain (TLS SNI, HTTP Host) passes whatever the
+        # address, as with E2B's egress proxy; one that names another does not.
+        assert fetch(s, f"--resolve allowed.test:443:{DENIED_IP} https://allowed.test/") == "denied\n"
+        assert fetch(s, f"-H 'Host: allowed.test' http://{OTHER_IP}/") == "other\n"
+        assert fetch(s, f"--resolve denied.test:443:{DENIED_IP} https://denied.test/", timeout=3) is None
+        assert fetch(s, f"-H 'Host: denied.test' http://{OTHER_IP}/", timeout=3) is None
 
         s.update_network({"allow_out": ["allowed.test", f"{DENIED_IP}/32"], "deny_out": ["0.0.0.0/0"]})
         assert fetch_until(s, f"http://{DENIED_IP}/", "denied\n") == "denied\n"

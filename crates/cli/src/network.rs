@@ -98,7 +98,9 @@ pub fn start(args: &NetworkArgs) -> Result<Option<SlotPool>> {
         dns_upstream: args.dns_upstream.clone(),
         ..PoolConfig::default()
     };
-    let pool = SlotPool::start(config).context("setting up per-sandbox networks")?;
+    // The error's text already carries its cause; a context chain would print it twice.
+    let pool = SlotPool::start(config)
+        .map_err(|e| anyhow::anyhow!("setting up per-sandbox networks: {e}"))?;
     tracing::info!(prefix = %args.net_prefix, range = %args.net_range, "per-sandbox networks");
     Ok(Some(pool))
 }
