@@ -72,17 +72,25 @@ fn accelerator() -> Check {
     check("accelerator", status, format!("{}: {}", d.accel, d.reason))
 }
 
-/// Every host program firkin runs for sandboxes and template builds, from the one list the
-/// set-up installs and `firkin serve` checks at start.
+/// Every host program firkin runs for sandboxes, template builds and per-sandbox networks,
+/// from the one list the set-up installs and `firkin serve` checks at start. Without the
+/// network tools sandboxes still run (on user-mode networking), so their absence warns.
 fn host_tools() -> Vec<Check> {
     use firkin_types::ToolUse;
-    firkin_guest::host_tools::check_all(&[ToolUse::Sandboxes, ToolUse::Templates])
-        .into_iter()
-        .map(|(tool, result)| match result {
-            Ok(version) => check(tool.binary, Status::Ok, version),
-            Err(err) => check(tool.binary, Status::Fail, err.to_string()),
-        })
-        .collect()
+    firkin_guest::host_tools::check_all(&[
+        ToolUse::Sandboxes,
+        ToolUse::Templates,
+        ToolUse::Networks,
+    ])
+    .into_iter()
+    .map(|(tool, result)| match result {
+        Ok(version) => check(tool.binary, Status::Ok, version),
+        Err(err) if tool.needed_for == ToolUse::Networks => {
+            check(tool.binary, Status::Warn, err.to_string())
+        }
+        Err(err) => check(tool.binary, Status::Fail, err.to_string()),
+    })
+    .collect()
 }
 
 /// The guest kernel and the static guest binaries, located exactly as `firkin serve` locates

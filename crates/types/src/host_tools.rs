@@ -13,6 +13,9 @@ pub enum ToolUse {
     /// Template builds and the guest kernel download (including the default template's first
     /// build): a server with only cached templates still serves.
     Templates,
+    /// A network of its own per sandbox (`firkin serve --network tap`): without it a server
+    /// falls back to user-mode networking (`--network auto`) or refuses to start (`tap`).
+    Networks,
     /// Only the test suites (fixtures of the VM tests).
     Tests,
 }
@@ -23,6 +26,7 @@ impl ToolUse {
         match self {
             ToolUse::Sandboxes => "sandboxes",
             ToolUse::Templates => "templates",
+            ToolUse::Networks => "networks",
             ToolUse::Tests => "tests",
         }
     }
@@ -88,13 +92,12 @@ pub const HOST_TOOLS: &[HostTool] = &[
         needed_for: ToolUse::Templates,
         env_override: None,
     },
-    // firkin-net's firewall (`nft -j -f -`, once per slot preparation or policy change). Only
-    // its tests use it until the runtime takes network slots (issue 12); then: Sandboxes.
+    // firkin-net's firewall (`nft -j -f -`, once per slot preparation or policy change).
     HostTool {
         binary: "nft",
         package: "nftables",
         version_args: &["--version"],
-        needed_for: ToolUse::Tests,
+        needed_for: ToolUse::Networks,
         env_override: None,
     },
     HostTool {

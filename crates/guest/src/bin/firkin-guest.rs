@@ -77,16 +77,18 @@ enum HostToolsCmd {
 enum Use {
     Sandboxes,
     Templates,
+    Networks,
     Tests,
 }
 
-const ALL_USES: [Use; 3] = [Use::Sandboxes, Use::Templates, Use::Tests];
+const ALL_USES: [Use; 4] = [Use::Sandboxes, Use::Templates, Use::Networks, Use::Tests];
 
 impl From<Use> for ToolUse {
     fn from(u: Use) -> Self {
         match u {
             Use::Sandboxes => ToolUse::Sandboxes,
             Use::Templates => ToolUse::Templates,
+            Use::Networks => ToolUse::Networks,
             Use::Tests => ToolUse::Tests,
         }
     }
