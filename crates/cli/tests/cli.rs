@@ -77,6 +77,22 @@ fn serve(state: &Path, cache: &Path, port: u16, backend: Backend) -> Serve {
             Duration::from_secs(60)
         }
         Backend::Qemu => {
+            // VM servers of this binary run side by side: each its own network slot names and
+            // addresses (kept across a restart of the same state directory, whose leftovers
+            // the restarted server removes).
+            static BY_STATE: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+            let n = {
+                let mut seen = BY_STATE.lock().unwrap_or_else(|e| e.into_inner());
+                seen.iter().position(|p| p == state).unwrap_or_else(|| {
+                    seen.push(state.to_path_buf());
+                    seen.len() - 1
+                })
+            };
+            cmd.env(
+                "FIRKIN_NET_PREFIX",
+                format!("c{}{n}", std::process::id() % 100),
+            )
+            .env("FIRKIN_NET_RANGE", format!("198.19.{}.0/24", 128 + n % 64));
             // No warm pool: the tests count VMs, and a refill would race with the counts.
             cmd.args(["--backend", "qemu", "--warm-pool", "base=0"])
                 .env("FIRKIN_CACHE_DIR", shared_cache_dir());
