@@ -8,6 +8,7 @@ pub mod chart;
 pub mod client;
 pub mod idle;
 pub mod mem;
+pub mod network;
 pub mod report;
 pub mod stats;
 pub mod suite;

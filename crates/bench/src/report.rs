@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chart;
 use crate::idle::IdleCapacityRun;
+use crate::network::NetworkComparison;
 use crate::stats::Summary;
 use crate::suite::{CreateRun, FileRun, MemoryRun};
 
@@ -60,6 +61,9 @@ pub struct BenchResults {
     #[serde(default)]
     pub idle_capacity: Option<IdleCapacityRun>,
     pub floors: Floors,
+    /// User-mode vs TAP slots (issue 12), when the run made the comparison.
+    #[serde(default)]
+    pub network: Option<NetworkComparison>,
     pub notes: Vec<String>,
 }
 
@@ -196,9 +200,13 @@ impl BenchResults {
             "Machine: {} ({} cores), {:.1} GiB RAM, kernel {}, accelerator **{}** ({}), {}.\n",
             m.cpu_model, m.cores, m.mem_total_gib, m.kernel, m.accel, m.accel_reason, m.qemu
         );
-        self.create_section(&mut md, chart_dir);
-        self.targets_section(&mut md);
-        self.interactive_section(&mut md);
+        // A network-only run (`--only network`) has none of the main sections.
+        let main_run = !self.create.is_empty() || self.command_rtt_ms.is_some();
+        if main_run {
+            self.create_section(&mut md, chart_dir);
+            self.targets_section(&mut md);
+            self.interactive_section(&mut md);
+        }
         if let Some(mem) = &self.memory {
             let _ = writeln!(md, "\n### Memory with {} idle sandboxes\n", mem.sandboxes);
             header(
@@ -232,6 +240,9 @@ impl BenchResults {
         }
         if let Some(cap) = &self.idle_capacity {
             idle_capacity_section(&mut md, cap);
+        }
+        if let Some(net) = &self.network {
+            net.markdown(&mut md);
         }
         for n in &self.notes {
             let _ = writeln!(md, "\n> {n}");

@@ -9,12 +9,19 @@ use firkin_bench::suite::{self, CreateRun};
 use firkin_bench::{Api, BenchResults, EnvdTarget, MachineInfo, Summary};
 use firkin_runtime::FirkinPaths;
 use firkin_runtime::qemu::{GUEST_PORTS, envd_ready};
-use firkin_vmm::{BootRequest, RestoreRequest, Snapshot, Vm};
+use firkin_vmm::{BootRequest, NetKind, RestoreRequest, Snapshot, Vm};
+
+#[path = "bench_network.rs"]
+mod bench_network;
 
 /// Measure create latency, time to interactive, command round trip, file throughput, memory
 /// and idle CPU per sandbox, and how many idle sandboxes the host holds before a create's p50
 /// doubles, against a `firkin serve` (started here unless --url is given), plus the
 /// floors: a bare QEMU restore and a cold boot of the same template, and host-mode firkin-envd.
+///
+/// Where this host can give sandboxes TAP networks (root, /dev/net/tun, nft), it also compares
+/// the two network kinds (issue 12): a `firkin serve --network user` and a `--network tap` side
+/// by side, pool depth 0, measured in alternation: c=1 creates, command round trip, files.
 ///
 /// Writes results.json and SVG charts into --out, prints the BENCHMARKS.md section, and with
 /// --write-benchmarks replaces the "latest numbers" section of that file.
@@ -24,6 +31,7 @@ use firkin_vmm::{BootRequest, RestoreRequest, Snapshot, Vm};
 ///   firkin bench --quick
 ///   firkin bench --out bench-results --write-benchmarks BENCHMARKS.md
 ///   firkin bench --url http://127.0.0.1:3000 --api-key "$E2B_API_KEY" --skip-memory
+///   firkin bench --only network --quick
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct BenchArgs {
@@ -54,6 +62,17 @@ pub struct BenchArgs {
     /// Fewer samples everywhere (a smoke run; below the protocol's n ≥ 10×c).
     #[arg(long)]
     quick: bool,
+    /// Leave out the network comparison (user-mode vs TAP slots, run by default where this
+    /// host can give sandboxes TAP networks).
+    #[arg(long)]
+    skip_network: bool,
+    /// Run only this part (and write its results).
+    #[arg(long, value_enum)]
+    only: Option<Part>,
+    /// `--net-range` of the servers the bench starts (with `--net-prefix fkb`): apart from
+    /// any other server's on this host (`firkin serve` defaults to 198.18.0.0/16).
+    #[arg(long, default_value = "198.19.0.0/22")]
+    net_range: String,
     /// Output directory for results.json and charts.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
@@ -62,22 +81,60 @@ pub struct BenchArgs {
     write_benchmarks: Option<PathBuf>,
 }
 
-struct ServerProcess {
+/// `--net-prefix` of every server the bench starts.
+const NET_PREFIX: &str = "fkb";
+
+/// A part of `firkin bench` that `--only` can run alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Two servers, `--network user` and `--network tap`, measured in alternation.
+    Network,
+}
+
+pub(crate) struct ServerProcess {
     child: tokio::process::Child,
-    api: Api,
+    pub(crate) api: Api,
     state_dir: PathBuf,
 }
 
 impl ServerProcess {
-    async fn start(template: &str, pool_depth: usize, cache: &Path) -> Result<Self> {
+    /// With `--network auto`; where that gives TAP networks, the slots get the bench's own
+    /// prefix and range (apart from any other server's on this host; the bench's servers run
+    /// one after another, so they share them).
+    async fn start(
+        template: &str,
+        pool_depth: usize,
+        cache: &Path,
+        net_range: &str,
+    ) -> Result<Self> {
+        let extra = [
+            "--net-prefix".to_owned(),
+            NET_PREFIX.to_owned(),
+            "--net-range".to_owned(),
+            net_range.to_owned(),
+        ];
+        let s = Self::spawn(template, pool_depth, cache, &pool_depth.to_string(), &extra)?;
+        s.wait_listening().await?;
+        Ok(s)
+    }
+
+    /// Starts `firkin serve` with its own state dir (`bench-state-<pid>-<name>` in `cache`,
+    /// log `bench-serve-<name>.log`) and `extra` arguments; does not wait for it.
+    pub(crate) fn spawn(
+        template: &str,
+        pool_depth: usize,
+        cache: &Path,
+        name: &str,
+        extra: &[String],
+    ) -> Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let state_dir = cache.join(format!("bench-state-{}-{pool_depth}", std::process::id()));
+        let state_dir = cache.join(format!("bench-state-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state_dir);
         let key = format!("bench-{}-{}", std::process::id(), rand_suffix());
         let exe = std::env::current_exe()?;
-        let log = std::fs::File::create(cache.join(format!("bench-serve-{pool_depth}.log")))?;
+        let log = std::fs::File::create(cache.join(format!("bench-serve-{name}.log")))?;
         let child = tokio::process::Command::new(exe)
             .arg("serve")
             .arg("--listen")
@@ -90,6 +147,7 @@ impl ServerProcess {
             // small host, which the default overcommit (16 per host CPU) would refuse.
             .arg("--cpu-overcommit")
             .arg("64")
+            .args(extra)
             .env("FIRKIN_API_KEY", &key)
             .stdout(Stdio::null())
             .stderr(log)
@@ -98,14 +156,6 @@ impl ServerProcess {
             .context("starting firkin serve")?;
         let url = format!("http://127.0.0.1:{port}");
         let api = Api::new(&url, &url, &key);
-        let started = Instant::now();
-        // The first start may build the template (minutes under TCG).
-        while api.status().await.is_err() {
-            if started.elapsed() > Duration::from_secs(900) {
-                bail!("firkin serve did not come up within 15 minutes");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
         Ok(Self {
             child,
             api,
@@ -113,7 +163,41 @@ impl ServerProcess {
         })
     }
 
-    async fn stop(mut self) {
+    /// Waits until the server answers its status endpoint.
+    async fn wait_listening(&self) -> Result<()> {
+        let started = Instant::now();
+        // The first start may build the template (minutes under TCG).
+        while self.api.status().await.is_err() {
+            if started.elapsed() > Duration::from_secs(900) {
+                bail!("firkin serve did not come up within 15 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until a create of `template` succeeds (the server listens while it still builds
+    /// its default template), killing that sandbox; fails if the server exits first.
+    pub(crate) async fn wait_creatable(&mut self, template: &str, limit: Duration) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("firkin serve exited with {status} before `{template}` was ready");
+            }
+            match self.api.create(template).await {
+                Ok((c, _)) => {
+                    self.api.kill(&c.sandbox_id).await?;
+                    return Ok(());
+                }
+                Err(e) if started.elapsed() > limit => {
+                    bail!("`{template}` not creatable after {limit:?}: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_secs(2)).await,
+            }
+        }
+    }
+
+    pub(crate) async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
@@ -141,20 +225,25 @@ fn ms(samples: &[f64]) -> Option<Summary> {
     Summary::of_ms(samples)
 }
 
-/// The newest sealed build of `template` in the cache.
+/// The newest sealed build of `template` in the cache taken on a user-mode network: the floors
+/// restore and boot without a network slot, and a snapshot restores only onto its own kind.
 fn template_dir(paths: &FirkinPaths, template: &str) -> Result<PathBuf> {
     let root = paths.templates_dir().join(template);
     let mut builds: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&root)
         .with_context(|| format!("no builds of {template} in {}", root.display()))?
         .flatten()
         .filter(|e| e.path().join("seal.json").is_file())
+        .filter(|e| Snapshot::load(&e.path()).is_ok_and(|s| s.machine.net == NetKind::User))
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
     builds.sort();
-    builds
-        .pop()
-        .map(|(_, p)| p)
-        .with_context(|| format!("no finished build of {template} in {}", root.display()))
+    builds.pop().map(|(_, p)| p).with_context(|| {
+        format!(
+            "no finished user-mode build of {template} in {} (the network comparison, or \
+                 `firkin serve --network user`, builds one)",
+            root.display()
+        )
+    })
 }
 
 async fn bare_restores(dir: &Path, n: usize, scratch: &Path) -> Result<Vec<f64>> {
@@ -340,7 +429,6 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         .cache_dir()
         .join(format!("bench-scratch-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
-    let scale = |full: usize, quick: usize| if args.quick { quick } else { full };
     let mut res = BenchResults {
         started_at: time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
@@ -354,6 +442,63 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             .push("Quick run: fewer samples than the protocol asks (n ≥ 10×c).".into());
     }
 
+    let only_network = args.only == Some(Part::Network);
+    if !only_network {
+        main_suite(&args, &paths, &mut res).await?;
+    }
+    if only_network || (!args.skip_network && args.url.is_none()) {
+        match crate::network::tap_unavailable() {
+            None => {
+                let plan = bench_network::Plan {
+                    template: &args.template,
+                    quick: args.quick,
+                    cache: paths.cache_dir(),
+                    net_range: &args.net_range,
+                };
+                match bench_network::compare(&plan).await {
+                    Ok(cmp) => res.network = Some(cmp),
+                    Err(e) if only_network => return Err(e),
+                    Err(e) => res.notes.push(format!("network comparison failed: {e:#}")),
+                }
+            }
+            Some(missing) if only_network => {
+                bail!("--only network needs TAP networks on this host (missing: {missing})")
+            }
+            Some(missing) => res.notes.push(format!(
+                "Network comparison skipped: this host cannot give sandboxes TAP networks \
+                 (missing: {missing})."
+            )),
+        }
+    }
+    if !only_network {
+        floors(&args, &paths, &scratch, &mut res).await?;
+        if args.url.is_none() && crate::network::tap_unavailable().is_none() {
+            res.notes.push(
+                "The floors restore and boot the template's user-mode build; the servers of the \
+                 create and interactive runs used `--network auto` (TAP on this host)."
+                    .into(),
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+
+    let charts = res.write(&args.out)?;
+    let md = res.markdown(&args.out.display().to_string());
+    println!("{md}");
+    for c in charts {
+        eprintln!("bench: chart {}", c.display());
+    }
+    if let Some(path) = args.write_benchmarks {
+        replace_section(&path, &md)?;
+        eprintln!("bench: updated {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The main runs: creates with the pool off and on, time to interactive, command round trip,
+/// files, memory, idle capacity.
+async fn main_suite(args: &BenchArgs, paths: &FirkinPaths, res: &mut BenchResults) -> Result<()> {
+    let scale = |full: usize, quick: usize| if args.quick { quick } else { full };
     // Pool off (or the given server as configured).
     let (server, api) = match &args.url {
         Some(url) => {
@@ -365,7 +510,8 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         }
         None => {
             log("starting firkin serve with the warm pool off");
-            let s = ServerProcess::start(&args.template, 0, paths.cache_dir()).await?;
+            let s =
+                ServerProcess::start(&args.template, 0, paths.cache_dir(), &args.net_range).await?;
             let api = s.api.clone();
             (Some(s), api)
         }
@@ -389,7 +535,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         Err(e) => res.notes.push(format!("time to interactive failed: {e}")),
     }
     log("command round trip and file throughput");
-    if let Err(e) = interactive(&api, &args.template, args.quick, &mut res).await {
+    if let Err(e) = interactive(&api, &args.template, args.quick, res).await {
         res.notes.push(format!("command/file run failed: {e}"));
     }
     if !args.skip_memory {
@@ -422,7 +568,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     if let Some(s) = server {
         s.stop().await;
         log("starting firkin serve with the warm pool on");
-        let s = ServerProcess::start(&args.template, 2, paths.cache_dir()).await?;
+        let s = ServerProcess::start(&args.template, 2, paths.cache_dir(), &args.net_range).await?;
         res.create
             .push(pool_hits(&s.api, &args.template, scale(20, 5)).await?);
         for &c in &args.concurrency {
@@ -436,12 +582,24 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         s.stop().await;
     }
 
-    // Floors, in the same run.
-    let dir = template_dir(&paths, &args.template)?;
+    Ok(())
+}
+
+/// The same-run floors: a bare QEMU restore and a cold boot of the template's user-mode build,
+/// and host-mode firkin-envd. Run after the network comparison, which builds the user-mode
+/// template on a host whose servers otherwise get TAP networks.
+async fn floors(
+    args: &BenchArgs,
+    paths: &FirkinPaths,
+    scratch: &Path,
+    res: &mut BenchResults,
+) -> Result<()> {
+    let scale = |full: usize, quick: usize| if args.quick { quick } else { full };
+    let dir = template_dir(paths, &args.template)?;
     log("floor: bare QEMU restores");
-    res.floors.bare_restore_ms = ms(&bare_restores(&dir, scale(20, 5), &scratch).await?);
+    res.floors.bare_restore_ms = ms(&bare_restores(&dir, scale(20, 5), scratch).await?);
     log("floor: cold boots");
-    res.floors.cold_boot_ms = ms(&cold_boots(&dir, scale(5, 2), &scratch).await?);
+    res.floors.cold_boot_ms = ms(&cold_boots(&dir, scale(5, 2), scratch).await?);
     log("floor: host-mode firkin-envd");
     let user = std::fs::read_to_string("/etc/passwd")
         .is_ok_and(|p| p.lines().any(|l| l.starts_with("user:")))
@@ -452,19 +610,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         );
     }
     res.floors.host_envd_rtt_ms = ms(&host_envd_rtt(scale(100, 20), user).await?);
-    let _ = std::fs::remove_dir_all(&scratch);
-
-    let charts = res.write(&args.out)?;
-    let md = res.markdown(&args.out.display().to_string());
-    println!("{md}");
-    for c in charts {
-        eprintln!("bench: chart {}", c.display());
-    }
-    if let Some(path) = args.write_benchmarks {
-        replace_section(&path, &md)?;
-        eprintln!("bench: updated {}", path.display());
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 const BEGIN: &str = "<!-- firkin bench: begin -->";
