@@ -11,8 +11,7 @@ use firkin_runtime::FirkinPaths;
 use firkin_runtime::qemu::{GUEST_PORTS, envd_ready};
 use firkin_vmm::{BootRequest, NetKind, RestoreRequest, Snapshot, Vm};
 
-#[path = "bench_network.rs"]
-mod bench_network;
+mod sides;
 
 /// Measure create latency, time to interactive, command round trip, file throughput, memory
 /// and idle CPU per sandbox, and how many idle sandboxes the host holds before a create's p50
@@ -449,13 +448,13 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     if only_network || (!args.skip_network && args.url.is_none()) {
         match crate::network::tap_unavailable() {
             None => {
-                let plan = bench_network::Plan {
+                let plan = sides::Plan {
                     template: &args.template,
                     quick: args.quick,
                     cache: paths.cache_dir(),
                     net_range: &args.net_range,
                 };
-                match bench_network::compare(&plan).await {
+                match sides::compare(&plan).await {
                     Ok(cmp) => res.network = Some(cmp),
                     Err(e) if only_network => return Err(e),
                     Err(e) => res.notes.push(format!("network comparison failed: {e:#}")),
