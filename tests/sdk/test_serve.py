@@ -138,7 +138,8 @@ class Serve:
         # Servers of the suite run side by side: each has its own slot names and addresses,
         # kept across its restarts (a restarted server removes what its crashed run left).
         n = next(SERVERS)
-        self.net_env = dict(FIRKIN_NET_PREFIX=f"t{os.getpid() % 100:02d}{n % 100:02d}", FIRKIN_NET_RANGE=f"198.19.{n % 256}.0/24")
+        # The same names from run to run: a run removes what a killed earlier one left.
+        self.net_env = dict(FIRKIN_NET_PREFIX=f"sdk{n % 100}", FIRKIN_NET_RANGE=f"198.19.{n % 128}.0/24")
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(os.path.dirname(state_dir), f"serve-{self.port}.log")

@@ -88,11 +88,10 @@ fn serve(state: &Path, cache: &Path, port: u16, backend: Backend) -> Serve {
                     seen.len() - 1
                 })
             };
-            cmd.env(
-                "FIRKIN_NET_PREFIX",
-                format!("c{}{n}", std::process::id() % 100),
-            )
-            .env("FIRKIN_NET_RANGE", format!("198.19.{}.0/24", 128 + n % 64));
+            // Names and addresses are the same from run to run, so a run removes what a killed
+            // earlier one left (a server sweeps its own prefix's leftovers at start).
+            cmd.env("FIRKIN_NET_PREFIX", format!("cli{n}"))
+                .env("FIRKIN_NET_RANGE", format!("198.19.{}.0/24", 128 + n % 64));
             // No warm pool: the tests count VMs, and a refill would race with the counts.
             cmd.args(["--backend", "qemu", "--warm-pool", "base=0"])
                 .env("FIRKIN_CACHE_DIR", shared_cache_dir());
@@ -153,7 +152,21 @@ impl Serve {
 }
 
 impl Drop for Serve {
+    /// SIGTERM first, so that a VM server removes its network slots; SIGKILL after 60 s.
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
