@@ -3,10 +3,11 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Read;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use firkin_net::{links, netns};
+use firkin_net::{EgressPolicy, GuestDevice, PoolConfig, Slot, links, netns};
+use rtnetlink::packet_route::rule::RuleAction;
 
 /// Tests build real namespaces and rules: they need root's CAP_NET_ADMIN and CAP_SYS_ADMIN
 /// (namespaces, bind mounts), `/dev/net/tun` and the `nft` program. Without them they say so
@@ -196,4 +197,78 @@ pub fn nft_table_exists(name: &str) -> bool {
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// A test "internet": namespace `ns`, reached from the root namespace over veth `link` (root
+/// end `host_end`/30, its end `inet_end`/30), holding `hosts` as /32s on its loopback. Traffic
+/// coming in on the slot's host link `slot_if` is policy-routed by table `table`: 203.0.113.0/24
+/// and `extra` go to the internet, everything else is blackholed, so no probe leaves the
+/// machine even when isolation is broken.
+#[derive(Debug)]
+pub struct TestInternet<'a> {
+    pub ns: &'a str,
+    pub link: &'a str,
+    pub host_end: Ipv4Addr,
+    pub inet_end: Ipv4Addr,
+    pub hosts: &'a [Ipv4Addr],
+    pub extra: &'a [(Ipv4Addr, u8)],
+    pub slot_if: &'a str,
+    pub table: u32,
+}
+
+impl TestInternet<'_> {
+    pub async fn build(&self) {
+        let peer = format!("{}p", self.link);
+        netns::create(self.ns).unwrap();
+        let root = links::connect(None).await.unwrap();
+        links::add_veth(&root, self.link, &peer).await.unwrap();
+        links::move_to(&root, &peer, self.ns).await.unwrap();
+        links::address(&root, self.link, self.host_end, 30)
+            .await
+            .unwrap();
+        links::up(&root, self.link).await.unwrap();
+        let inet = links::connect(Some(self.ns)).await.unwrap();
+        links::rename(&inet, &peer, "eth0").await.unwrap();
+        links::address(&inet, "eth0", self.inet_end, 30)
+            .await
+            .unwrap();
+        links::up(&inet, "eth0").await.unwrap();
+        links::up(&inet, "lo").await.unwrap();
+        for ip in self.hosts {
+            links::address(&inet, "lo", *ip, 32).await.unwrap();
+        }
+        links::default_route(&inet, self.host_end).await.unwrap();
+        let via = Some(self.inet_end);
+        let mut routed = vec![(Ipv4Addr::new(203, 0, 113, 0), 24)];
+        routed.extend_from_slice(self.extra);
+        for (dest, len) in routed {
+            links::route_in_table(&root, dest, len, via, self.table)
+                .await
+                .unwrap();
+        }
+        links::route_in_table(&root, Ipv4Addr::UNSPECIFIED, 0, None, self.table)
+            .await
+            .unwrap();
+        root.rule()
+            .add()
+            .v4()
+            .input_interface(self.slot_if.to_owned())
+            .table_id(self.table)
+            .priority(self.table)
+            .action(RuleAction::ToTable)
+            .execute()
+            .await
+            .unwrap();
+    }
+}
+
+/// Slot 0 of `pool` under `policy`, its guest a veth stand-in in namespace `guest_ns`.
+pub async fn stand_in_slot(pool: &PoolConfig, guest_ns: &str, policy: EgressPolicy) -> Slot {
+    netns::create(guest_ns).unwrap();
+    let mut cfg = pool.slot(0).unwrap();
+    cfg.device = GuestDevice::VethInto {
+        netns: guest_ns.into(),
+    };
+    cfg.policy = policy;
+    Slot::create(cfg).await.unwrap()
 }

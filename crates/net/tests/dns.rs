@@ -12,12 +12,11 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::{Cleanup, LOCK, listen, privileged, probe};
-use firkin_net::{EgressPolicy, GuestDevice, HostNet, PoolConfig, Slot, links, netns};
+use common::{Cleanup, LOCK, TestInternet, listen, privileged, probe, stand_in_slot};
+use firkin_net::{EgressPolicy, HostNet, PoolConfig, Slot, netns};
 use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use rtnetlink::packet_route::rule::RuleAction;
 
 const ALLOWED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const OTHER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
@@ -260,50 +259,25 @@ async fn setup(clean: &mut Cleanup, policy: EgressPolicy) -> (Slot, HostNet) {
     let host = HostNet::ensure(&pool).unwrap();
 
     // The internet: its veth end is the upstream's address; the hosts sit on its loopback.
-    netns::create(INET_NS).unwrap();
-    let root = links::connect(None).await.unwrap();
-    links::add_veth(&root, "fkdi", "fkdip").await.unwrap();
-    links::move_to(&root, "fkdip", INET_NS).await.unwrap();
-    links::address(&root, "fkdi", HOST_END, 30).await.unwrap();
-    links::up(&root, "fkdi").await.unwrap();
-    let inet = links::connect(Some(INET_NS)).await.unwrap();
-    links::rename(&inet, "fkdip", "eth0").await.unwrap();
-    links::address(&inet, "eth0", UPSTREAM, 30).await.unwrap();
-    links::up(&inet, "eth0").await.unwrap();
-    links::up(&inet, "lo").await.unwrap();
-    links::address(&inet, "lo", ALLOWED, 32).await.unwrap();
-    links::address(&inet, "lo", OTHER, 32).await.unwrap();
-    links::default_route(&inet, HOST_END).await.unwrap();
-    let via = Some(UPSTREAM);
-    links::route_in_table(&root, Ipv4Addr::new(203, 0, 113, 0), 24, via, ROUTE_TABLE)
-        .await
-        .unwrap();
-    links::route_in_table(&root, Ipv4Addr::UNSPECIFIED, 0, None, ROUTE_TABLE)
-        .await
-        .unwrap();
-    root.rule()
-        .add()
-        .v4()
-        .input_interface("fkdh0".to_owned())
-        .table_id(ROUTE_TABLE)
-        .priority(ROUTE_TABLE)
-        .action(RuleAction::ToTable)
-        .execute()
-        .await
-        .unwrap();
+    TestInternet {
+        ns: INET_NS,
+        link: "fkdi",
+        host_end: HOST_END,
+        inet_end: UPSTREAM,
+        hosts: &[ALLOWED, OTHER],
+        extra: &[],
+        slot_if: "fkdh0",
+        table: ROUTE_TABLE,
+    }
+    .build()
+    .await;
     clean.tasks.push(upstream(INET_NS, sa(UPSTREAM, 53)).await);
     for ip in [ALLOWED, OTHER] {
         let (_, t) = listen(Some(INET_NS), sa(ip, WEB)).await;
         clean.tasks.push(t);
     }
 
-    netns::create(GUEST_NS).unwrap();
-    let mut cfg = pool.slot(0).unwrap();
-    cfg.device = GuestDevice::VethInto {
-        netns: GUEST_NS.into(),
-    };
-    cfg.policy = policy;
-    let slot = Slot::create(cfg).await.unwrap();
+    let slot = stand_in_slot(&pool, GUEST_NS, policy).await;
     (slot, host)
 }
 

@@ -13,9 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Cleanup, LOCK, privileged};
-use firkin_net::{EgressPolicy, GuestDevice, HostNet, PoolConfig, Slot, links, netns};
-use rtnetlink::packet_route::rule::RuleAction;
+use common::{Cleanup, LOCK, TestInternet, privileged, stand_in_slot};
+use firkin_net::{EgressPolicy, HostNet, PoolConfig, Slot, netns};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
@@ -194,49 +193,21 @@ async fn setup(clean: &mut Cleanup, policy: EgressPolicy) -> (Slot, HostNet) {
     };
     let host = HostNet::ensure(&pool).unwrap();
 
-    netns::create(INET_NS).unwrap();
-    let root = links::connect(None).await.unwrap();
-    links::add_veth(&root, "fkpi", "fkpip").await.unwrap();
-    links::move_to(&root, "fkpip", INET_NS).await.unwrap();
-    links::address(&root, "fkpi", HOST_END, 30).await.unwrap();
-    links::up(&root, "fkpi").await.unwrap();
-    let inet = links::connect(Some(INET_NS)).await.unwrap();
-    links::rename(&inet, "fkpip", "eth0").await.unwrap();
-    links::address(&inet, "eth0", INET_END, 30).await.unwrap();
-    links::up(&inet, "eth0").await.unwrap();
-    links::up(&inet, "lo").await.unwrap();
-    links::address(&inet, "lo", SERVER, 32).await.unwrap();
-    links::address(&inet, "lo", METADATA, 32).await.unwrap();
-    links::default_route(&inet, HOST_END).await.unwrap();
-    let via = Some(INET_END);
-    links::route_in_table(&root, Ipv4Addr::new(203, 0, 113, 0), 24, via, ROUTE_TABLE)
-        .await
-        .unwrap();
-    // Were isolation broken, link-local would reach the stand-in rather than anything real.
-    links::route_in_table(&root, Ipv4Addr::new(169, 254, 0, 0), 16, via, ROUTE_TABLE)
-        .await
-        .unwrap();
-    links::route_in_table(&root, Ipv4Addr::UNSPECIFIED, 0, None, ROUTE_TABLE)
-        .await
-        .unwrap();
-    root.rule()
-        .add()
-        .v4()
-        .input_interface("fkph0".to_owned())
-        .table_id(ROUTE_TABLE)
-        .priority(ROUTE_TABLE)
-        .action(RuleAction::ToTable)
-        .execute()
-        .await
-        .unwrap();
+    TestInternet {
+        ns: INET_NS,
+        link: "fkpi",
+        host_end: HOST_END,
+        inet_end: INET_END,
+        hosts: &[SERVER, METADATA],
+        // Were isolation broken, link-local would reach the stand-in rather than anything real.
+        extra: &[(Ipv4Addr::new(169, 254, 0, 0), 16)],
+        slot_if: "fkph0",
+        table: ROUTE_TABLE,
+    }
+    .build()
+    .await;
 
-    netns::create(GUEST_NS).unwrap();
-    let mut cfg = pool.slot(0).unwrap();
-    cfg.device = GuestDevice::VethInto {
-        netns: GUEST_NS.into(),
-    };
-    cfg.policy = policy;
-    let slot = Slot::create(cfg).await.unwrap();
+    let slot = stand_in_slot(&pool, GUEST_NS, policy).await;
     (slot, host)
 }
 
