@@ -19,6 +19,7 @@ pub enum Step {
     GuestStandIn,
     Dns,
     Proxy,
+    Recycle,
     Destroy,
 }
 

@@ -27,7 +27,7 @@ pub use domains::DomainSet;
 pub use error::{Cause, NetError, Step};
 pub use host::{HostNet, missing_requirements};
 pub use pool::SlotPool;
-pub use slot::Slot;
+pub use slot::{GuestSeed, Slot};
 
 /// Changes whenever what a guest sees of its slot changes (addresses, the gateway's MAC): a
 /// template snapshotted in a slot of another recipe may hold ARP entries or settings that no

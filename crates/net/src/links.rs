@@ -5,6 +5,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::neighbour::NeighbourState;
 use rtnetlink::packet_route::route::RouteType;
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -101,6 +103,53 @@ pub async fn set_mac(h: &Handle, name: &str, mac: [u8; 6]) -> Result<(), rtnetli
     let i = need(h, name).await?;
     h.link()
         .set(LinkUnspec::new_with_index(i).address(mac.to_vec()).build())
+        .execute()
+        .await
+}
+
+/// Forgets every IPv4 neighbour (ARP) entry of link `name`: a recycled slot's next guest
+/// has another MAC address than its last one, and frames sent to the old one would be
+/// dropped by the guest's NIC until the entry went stale.
+pub async fn flush_neighbours(h: &Handle, name: &str) -> Result<(), rtnetlink::Error> {
+    let Some(i) = index(h, name).await? else {
+        return Ok(());
+    };
+    let mut found = Vec::new();
+    let mut msgs = h
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet)
+        .execute();
+    while let Some(msg) = msgs.try_next().await? {
+        if msg.header.ifindex == i {
+            found.push(msg);
+        }
+    }
+    for msg in found {
+        match h.neighbours().del(msg).execute().await {
+            // Gone meanwhile (expired, or the link's own flush).
+            Err(e) if errno(&e) == Some(libc::ENOENT) => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
+/// Records that `ip` on link `name` is at `mac` (state STALE: used at once, confirmed by the
+/// traffic that follows or re-probed later), replacing any entry for it. A received
+/// gratuitous ARP for `ip` still replaces it.
+pub async fn seed_neighbour(
+    h: &Handle,
+    name: &str,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+) -> Result<(), rtnetlink::Error> {
+    let i = need(h, name).await?;
+    h.neighbours()
+        .add(i, IpAddr::V4(ip))
+        .link_layer_address(&mac)
+        .state(NeighbourState::Stale)
+        .replace()
         .execute()
         .await
 }

@@ -1,4 +1,5 @@
-//! Elements of the slot's `allow_dns` set written over nfnetlink directly, without running
+//! Elements of the slot's `allow_dns` set written over nfnetlink directly (and the slot's
+//! conntrack table flushed the same way when the slot is recycled), without running
 //! `nft`: a DNS answer for an allowed domain must be granted before the guest sees it, and an
 //! `nft` process per answer costs ~20 ms (a fork and exec, libnftables starting and reading
 //! the table) against well under a millisecond for one netlink batch. The messages are
@@ -9,6 +10,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_netfilter::conntrack::ConntrackMessage;
 use netlink_packet_netfilter::nftables::{
     DataAttribute, ListAttribute, NfTablesMessage, SetElementAttribute, SetElementList,
     SetElementMessage,
@@ -81,6 +83,21 @@ impl SetWriter {
         push(&mut wire, batch(ControlMessage::BatchEnd), base + 4, 0);
         self.socket.send(&wire, 0)?;
         self.acks(base + 1..base + 4)
+    }
+
+    /// Forgets every connection the namespace's conntrack table holds (a delete naming no
+    /// connection flushes the table), so a slot's next guest inherits no "established" flow
+    /// of its last one. Blocking; `seq` as for [`SetWriter::grant`].
+    pub(crate) fn flush_conntrack(&self, seq: u32) -> std::io::Result<()> {
+        let msg = NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+            ConntrackMessage::Delete(Vec::new()),
+        );
+        let mut wire = Vec::new();
+        let seq = seq.wrapping_mul(8);
+        push(&mut wire, msg, seq, NLM_F_ACK);
+        self.socket.send(&wire, 0)?;
+        self.acks(seq..seq + 1)
     }
 
     /// Reads one answer per message of `seqs` (each asked for an acknowledgement): all

@@ -17,10 +17,9 @@ use crate::slot::Slot;
 #[derive(Debug)]
 struct State {
     ready: VecDeque<Slot>,
-    /// Indices handed back, oldest first. A fresh index is taken before any of these, and then
-    /// the one given back longest ago: a slot's address must not come back soon, because the
-    /// host may still hold idle keep-alive connections to it (the proxy's pool) that would
-    /// then reach another sandbox's guest, which resets them.
+    /// Indices of destroyed slots, oldest first. A fresh index is taken before any of these,
+    /// and then the one freed longest ago, so a log's slot name points at one sandbox for as
+    /// long as possible.
     free: VecDeque<u32>,
     /// The next never-used index.
     next: u32,
@@ -176,9 +175,36 @@ impl SlotPool {
         }
     }
 
-    /// Destroys a slot that was handed out and frees its index for a fresh one. A used slot is
-    /// never handed out again: its conntrack entries and policy belong to its sandbox.
-    pub async fn release(&self, slot: Slot) -> Result<(), NetError> {
+    /// Takes back a slot that was handed out (its VMM has exited). It is reset
+    /// ([`Slot::reset`]) and made ready again, so a steady stream of creates and kills builds
+    /// and tears down no namespace at all. One that cannot be reset, or that comes back after
+    /// shutdown, is destroyed and its index freed.
+    pub async fn release(&self, mut slot: Slot) -> Result<(), NetError> {
+        if !self.inner.lock().closed {
+            match slot.reset(self.inner.config.policy.clone()).await {
+                Ok(()) => {
+                    let late = {
+                        let mut st = self.inner.lock();
+                        if st.closed {
+                            Some(slot)
+                        } else {
+                            st.ready.push_back(slot);
+                            None
+                        }
+                    };
+                    match late {
+                        Some(s) => slot = s,
+                        None => {
+                            self.inner.ready.notify_waiters();
+                            return Ok(());
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(slot = %slot.netns(), error = %e, "recycling a network slot failed; destroying it");
+                }
+            }
+        }
         let index = slot.config().index;
         let done = slot.destroy().await;
         {

@@ -14,6 +14,29 @@ use crate::{firewall, links, netns, sys};
 /// are separate layer-2 networks, so the same address in all of them never meets itself.
 pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x66, 0x6b, 0x00, 0x00, 0x01];
 
+/// The slot's ARP entry for its guest, to be put in once the guest's VMM has the TAP open
+/// (opening it turns the carrier on, which flushes the TAP's entries). The host's first packet
+/// to the guest then goes out at once rather than after an ARP round trip through a guest
+/// restored a moment ago (under TCG, tens of milliseconds of a create). A guest that takes
+/// another address announces it (`arp_notify`), which replaces the entry.
+#[derive(Clone, Debug)]
+pub struct GuestSeed {
+    netns: String,
+    guest_if: String,
+    guest: std::net::Ipv4Addr,
+    mac: [u8; 6],
+}
+
+impl GuestSeed {
+    pub async fn apply(&self) -> Result<(), NetError> {
+        let ns = self.netns.as_str();
+        let inner = links::connect(Some(ns)).await.at(ns, Step::Address)?;
+        links::seed_neighbour(&inner, &self.guest_if, self.guest, self.mac)
+            .await
+            .at(ns, Step::Address)
+    }
+}
+
 /// The guest stand-in's interface name inside its namespace.
 const STAND_IN_IF: &str = "eth0";
 
@@ -112,6 +135,38 @@ impl Slot {
         }
         self.config.policy = policy;
         Ok(())
+    }
+
+    /// Makes a slot its sandbox has left fit for the next one, instead of destroying it and
+    /// building another (a namespace's creation and teardown are the dearest kernel work a
+    /// create and a kill cause): `policy` in place of the last one (which revokes its DNS
+    /// grants), then no tracked connection and no ARP entry of the last guest. Its VMM must
+    /// have exited. The slot's addresses stay; the host keys its idle connections to a guest
+    /// by sandbox, so none of them reaches the next guest.
+    pub async fn reset(&mut self, policy: EgressPolicy) -> Result<(), NetError> {
+        // The same policy without domains has no grants to revoke: no `nft` run needed.
+        if self.config.policy != policy || !policy.allow_domains.is_empty() {
+            self.set_policy(policy).await?;
+        }
+        let ns = self.config.netns.clone();
+        netns::run_in_async(&ns, || crate::nfset::SetWriter::open()?.flush_conntrack(1))
+            .await
+            .at(&ns, Step::Recycle)?
+            .at(&ns, Step::Recycle)?;
+        let inner = links::connect(Some(&ns)).await.at(&ns, Step::Recycle)?;
+        links::flush_neighbours(&inner, &self.config.guest_if)
+            .await
+            .at(&ns, Step::Recycle)
+    }
+
+    /// What [`GuestSeed::apply`] needs to tell the slot that its guest has NIC address `mac`.
+    pub fn guest_seed(&self, mac: [u8; 6]) -> GuestSeed {
+        GuestSeed {
+            netns: self.config.netns.clone(),
+            guest_if: self.config.guest_if.clone(),
+            guest: self.config.guest.guest,
+            mac,
+        }
     }
 
     /// Removes everything of the slot; safe to call on a half-built one.
@@ -221,10 +276,19 @@ async fn build(c: &SlotConfig) -> Result<(), NetError> {
         .await
         .at(ns, Step::Route)?;
 
-    netns::run_in_async(ns, || netns::write_sysctl("net.ipv4.ip_forward", "1"))
-        .await
-        .at(ns, Step::Sysctl)?
-        .at(ns, Step::Sysctl)?;
+    netns::run_in_async(ns, || {
+        netns::write_sysctl("net.ipv4.ip_forward", "1")?;
+        // The slot has no IPv6; without this its links send router solicitations and MLD
+        // reports, and each one wakes the guest behind the TAP. A host without IPv6 has no
+        // such switch, which is as good.
+        match netns::write_sysctl("net.ipv6.conf.all.disable_ipv6", "1") {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    })
+    .await
+    .at(ns, Step::Sysctl)?
+    .at(ns, Step::Sysctl)?;
     let ruleset = firewall::slot_ruleset(c);
     netns::run_in_async(ns, move || firewall::apply(&ruleset))
         .await

@@ -102,6 +102,25 @@ async fn host_addresses() -> Vec<Ipv4Addr> {
         .collect()
 }
 
+/// How many connections namespace `ns` tracks (its own view of `nf_conntrack`).
+fn conntrack_entries(ns: &str) -> usize {
+    netns::run_in(ns, || {
+        std::fs::read_to_string("/proc/thread-self/net/nf_conntrack").map(|t| t.lines().count())
+    })
+    .unwrap()
+    .unwrap()
+}
+
+/// The neighbour entries of link `ifname` in namespace `ns`, as `ip neigh` prints them.
+fn neighbours(ns: &str, ifname: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-4", "neigh", "show", "dev", ifname])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 fn test_pool(prefix: &str, range: &str, table: &str) -> PoolConfig {
     PoolConfig {
         prefix: prefix.into(),
@@ -210,6 +229,21 @@ async fn a_guest_reaches_the_internet_and_nothing_of_the_host_or_other_slots() {
     a.set_policy(only).await.unwrap();
     assert!(probe("fkx-ga", internet).await.is_ok());
     a.set_policy(EgressPolicy::deny_all()).await.unwrap();
+    assert!(probe("fkx-ga", internet).await.is_err());
+
+    // Recycled for the next sandbox: the pool's default policy back, and nothing of the last
+    // guest remembered (the connections it made are tracked for minutes after they close).
+    assert!(conntrack_entries("fkx-0") > 0);
+    assert!(!neighbours("fkx-0", "tap0").is_empty());
+    a.reset(EgressPolicy::default()).await.unwrap();
+    assert_eq!(conntrack_entries("fkx-0"), 0);
+    assert_eq!(neighbours("fkx-0", "tap0"), "");
+    assert_eq!(
+        probe("fkx-ga", internet).await,
+        Ok("hello 198.51.100.1".into())
+    );
+    // A reset to a policy that is not the slot's applies it.
+    a.reset(EgressPolicy::deny_all()).await.unwrap();
     assert!(probe("fkx-ga", internet).await.is_err());
 
     a.destroy().await.unwrap();

@@ -13,13 +13,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
 use firkin_admission::ResourceBudget;
 use firkin_runtime::FirkinPaths;
 use firkin_types::{SandboxId, Size};
 use futures::future::{BoxFuture, Shared};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::OwnedMutexGuard;
@@ -177,7 +174,7 @@ pub struct App {
     pub(crate) builder: Arc<dyn TemplateBuilder>,
     pub(crate) builds: Mutex<HashMap<String, LiveBuild>>,
     pub(crate) expiring: Mutex<HashSet<SandboxId>>,
-    pub(crate) client: Client<HttpConnector, Body>,
+    pub(crate) client: crate::upstream::GuestClient,
     pub(crate) metric_history: MetricsHistory,
 }
 
@@ -209,16 +206,6 @@ pub(crate) fn store_err(err: StoreError) -> ApiError {
     ApiError::internal(format!("state database: {err}"))
 }
 
-/// The proxy's HTTP/1.1 client, also used for envd calls (metrics).
-pub(crate) fn http_client() -> Client<HttpConnector, Body> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector)
-}
-
 impl App {
     pub(crate) fn new(
         rt: Arc<dyn Orchestrator>,
@@ -237,7 +224,7 @@ impl App {
             builder,
             builds: Mutex::new(HashMap::new()),
             expiring: Mutex::new(HashSet::new()),
-            client: http_client(),
+            client: crate::upstream::http_client(),
             metric_history: MetricsHistory::default(),
         }
     }

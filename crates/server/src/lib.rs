@@ -36,6 +36,7 @@ pub mod server;
 pub mod store;
 pub mod templates;
 pub mod types;
+mod upstream;
 
 /// Host processes by pid (the runtime's): recorded sandboxes' identity and the restart sweep.
 pub use firkin_runtime::pids as procfs;

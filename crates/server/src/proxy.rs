@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
 use firkin_e2b_contract::ENVD_PORT;
 use firkin_e2b_wire::file_signature::{SignedQuery, SigningOp};
@@ -326,7 +326,7 @@ async fn forward(
         .to_owned();
     // Only the path and query of the client's request are used: an absolute-form request
     // (`GET http://elsewhere/ HTTP/1.1`) cannot steer the proxy anywhere else.
-    let Ok(uri) = format!("http://{addr}{path}").parse::<Uri>() else {
+    let Ok(uri) = crate::upstream::guest_uri(addr, id, app.rt.pid(id), &path) else {
         return ApiError::bad_request("invalid request path").into_response();
     };
     let (mut parts, body) = req.into_parts();

@@ -258,6 +258,12 @@ pub fn qemu_args(m: &MachineConfig, l: &Launch) -> Result<Vec<OsString>> {
 
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
     push(&["-sandbox", SANDBOX]);
+    // No self-announcement after a restore: QEMU's RARPs and the gratuitous ARPs and IPv6
+    // adverts it has the guest send, five rounds over a second. Neither a network slot (it is
+    // told the guest's address: firkin-net's `Slot::expect_guest`) nor slirp (its ARP table is
+    // in the snapshot) needs them, and each round wakes a guest that was restored a moment ago,
+    // under TCG while its first request waits.
+    push(&["-global", "migration.announce-rounds=0"]);
     // microvm: no PCI, no firmware option ROMs; the serial port carries the kernel console and
     // the RTC gives the guest a wall clock before its agent sets the time.
     push(&[

@@ -18,7 +18,7 @@ use firkin_net::SlotPool;
 use super::net::SlotLease;
 
 use super::component;
-use super::ready::{GUEST_PORTS, envd_addr, envd_ready};
+use super::ready::{GUEST_PORTS, envd_addr, envd_ready_seeding};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
@@ -180,13 +180,21 @@ impl SnapshotSessionLauncher for QemuLauncher {
             ),
             None => None,
         };
+        // A clone's NIC has the template's address until its /init; a resumed sandbox's guest
+        // may have taken another one, which the slot then learns by ARP.
+        let seed = match (&slot, kind) {
+            (Some(lease), SnapshotArtifactKind::BaseTemplate) => {
+                lease.guest_seed(&snap.machine.mac)
+            }
+            _ => None,
+        };
         let restored = Vm::restore(
             &snap,
             RestoreRequest {
                 run_dir: unique_run_dir(&self.sandboxes_dir, "vm"),
                 guest_ports: GUEST_PORTS.to_vec(),
                 net: super::net::attach(slot.as_ref()),
-                ready: Some(envd_ready(self.health_timeout)),
+                ready: Some(envd_ready_seeding(self.health_timeout, seed)),
             },
         )
         .await;
@@ -275,7 +283,7 @@ impl QemuSession {
         self
     }
 
-    /// Gives the slot back to its pool (which destroys it); after the VM has exited.
+    /// Gives the slot back to its pool (which resets it for the next sandbox); after the VM has exited.
     async fn release_slot(&self) {
         let taken = self.slot.lock().await.take();
         if let Some(lease) = taken {

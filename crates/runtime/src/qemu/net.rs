@@ -34,6 +34,15 @@ impl SlotLease {
         }
     }
 
+    /// The slot's ARP entry for a guest restored with NIC address `mac`, to be put in once
+    /// its QEMU runs (see [`firkin_net::GuestSeed`]); `None` without a slot or for an address
+    /// that does not parse.
+    pub fn guest_seed(&self, mac: &str) -> Option<firkin_net::GuestSeed> {
+        let slot = self.slot.as_ref()?;
+        let mac = firkin_envd::guest::parse_mac(mac).ok()?;
+        Some(slot.guest_seed(mac))
+    }
+
     pub async fn set_policy(&mut self, policy: EgressPolicy) -> Result<(), NetError> {
         match self.slot.as_mut() {
             Some(slot) => slot.set_policy(policy).await,
@@ -41,9 +50,9 @@ impl SlotLease {
         }
     }
 
-    /// Gives the slot back to its pool, which destroys it (a used slot's conntrack entries
-    /// and policy were its sandbox's). A failure is logged: the next slot of that index
-    /// removes leftovers by name before it is built.
+    /// Gives the slot back to its pool, which resets it for another sandbox (or destroys it).
+    /// A failure is logged: the next slot of that index removes leftovers by name before it
+    /// is built.
     pub async fn release(mut self) {
         if let Some(slot) = self.slot.take() {
             give_back(&self.pool, slot).await;

@@ -2,6 +2,8 @@
 //! `/health` before the VMM hands the VM back.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use firkin_e2b_contract::{CODE_INTERPRETER_PORT, ENVD_PORT};
@@ -33,6 +35,26 @@ pub async fn envd_health(addr: SocketAddr) -> bool {
 /// Ready when envd answers `/health` within `timeout` (QEMU dying first fails at once).
 pub fn envd_ready(timeout: Duration) -> ReadyCheck {
     ReadyCheck::new(ENVD_PORT, timeout, envd_health)
+}
+
+/// [`envd_ready`] that first puts the slot's ARP entry for the guest in (`seed`), once:
+/// probing starts after QEMU has opened its TAP, which is what an entry must come after.
+pub fn envd_ready_seeding(timeout: Duration, seed: Option<firkin_net::GuestSeed>) -> ReadyCheck {
+    let Some(seed) = seed else {
+        return envd_ready(timeout);
+    };
+    let seeded = Arc::new(AtomicBool::new(false));
+    ReadyCheck::new(ENVD_PORT, timeout, move |addr| {
+        let first = !seeded.swap(true, Ordering::Relaxed);
+        let seed = seed.clone();
+        async move {
+            if first && let Err(err) = seed.apply().await {
+                // Best effort: without it the first packet waits for ARP.
+                tracing::debug!(%err, "seeding the guest's ARP entry");
+            }
+            envd_health(addr).await
+        }
+    })
 }
 
 /// The host address forwarded to `vm`'s envd. Boxed like the runtime's errors hold it.

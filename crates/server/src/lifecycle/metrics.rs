@@ -232,7 +232,14 @@ impl App {
         let Some(addr) = self.rt.route(&record.sandbox_id, ENVD_PORT) else {
             return Err(SampleError::NoRoute);
         };
-        let req = http::Request::get(format!("http://{addr}/metrics"))
+        let uri = crate::upstream::guest_uri(
+            addr,
+            &record.sandbox_id,
+            self.rt.pid(&record.sandbox_id),
+            "/metrics",
+        )
+        .map_err(|e| ApiError::internal(format!("building the metrics request: {e}")))?;
+        let req = http::Request::get(uri)
             .header("x-access-token", &record.access_token)
             .body(Body::empty())
             .map_err(|e| ApiError::internal(format!("building the metrics request: {e}")))?;
