@@ -19,6 +19,8 @@ use crate::output::{OutputLine, ResultData};
 const SIGINT_AFTER: Duration = Duration::from_secs(1);
 /// After an interrupt, how long before the kernel is taken as stuck (and restarted by the caller).
 const GIVE_UP_AFTER: Duration = Duration::from_secs(10);
+/// After idle, how long to wait for the `execute_reply` (which says whether the run was aborted).
+const REPLY_GRACE: Duration = Duration::from_secs(1);
 
 /// What the user asked to run.
 #[derive(Debug, Clone, Default)]
@@ -96,6 +98,9 @@ async fn stream(kernel: &mut Kernel, req: &RunRequest, out: &mpsc::Sender<Output
     let mut errored = false;
     let mut stopped: Option<(Stop, Instant)> = None;
     let mut sigint_sent = false;
+    let mut replied = false;
+    let mut reply_error = None;
+    let mut idle_at: Option<Instant> = None;
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
     loop {
         let stop_at = stopped.map(|(_, at)| at);
@@ -135,30 +140,34 @@ async fn stream(kernel: &mut Kernel, req: &RunRequest, out: &mpsc::Sender<Output
                             traceback: e.traceback.join("\n"),
                         }).await;
                     }
-                    (From::Shell, JupyterMessageContent::ExecuteReply(r)) if !errored => {
+                    (From::Shell, JupyterMessageContent::ExecuteReply(r)) => {
+                        replied = true;
                         match (r.status, r.error) {
-                            (ReplyStatus::Aborted, _) => {
+                            // Nothing more comes for an aborted request.
+                            (ReplyStatus::Aborted, _) if !errored => {
                                 errored = true;
                                 send(OutputLine::error("ExecutionAborted", "the execution was aborted")).await;
                             }
-                            // Kernels publish the error on iopub too; this covers one that does not,
-                            // and the reply may come first, so wait for idle before trusting it.
-                            (ReplyStatus::Error, Some(_)) | (ReplyStatus::Ok, _) | (ReplyStatus::Error, None) => {}
+                            (ReplyStatus::Error, Some(e)) => reply_error = Some(*e),
+                            _ => {}
+                        }
+                        if idle_at.is_some() {
+                            break;
                         }
                     }
                     (From::IoPub, JupyterMessageContent::Status(s))
                         if s.execution_state == ExecutionState::Idle =>
                     {
-                        if stopped.is_some() && !errored && kernel.silent_on_interrupt() {
-                            // Deno stops without saying so; the SDK should still see why.
-                            send(OutputLine::error("KeyboardInterrupt", "the execution was interrupted")).await;
+                        if replied {
+                            break;
                         }
-                        send(OutputLine::EndOfExecution).await;
-                        return Outcome::Idle;
+                        idle_at = Some(Instant::now());
                     }
                     _ => {}
                 }
             }
+            // Idle and the reply travel on different sockets; the reply tells an aborted run apart.
+            () = tokio::time::sleep_until(idle_at.unwrap_or(far) + REPLY_GRACE), if idle_at.is_some() => break,
             () = out.closed(), if stopped.is_none() => {
                 tracing::info!(language = %kernel.language(), "client left; interrupting");
                 kernel.interrupt().await;
@@ -186,6 +195,26 @@ async fn stream(kernel: &mut Kernel, req: &RunRequest, out: &mpsc::Sender<Output
             }
         }
     }
+    if !errored && let Some(e) = reply_error {
+        // A kernel that reported its error only in the reply.
+        errored = true;
+        send(OutputLine::Error {
+            name: e.ename,
+            value: e.evalue,
+            traceback: e.traceback.join("\n"),
+        })
+        .await;
+    }
+    if stopped.is_some() && !errored && kernel.silent_on_interrupt() {
+        // Deno stops without saying so; the SDK should still see why.
+        send(OutputLine::error(
+            "KeyboardInterrupt",
+            "the execution was interrupted",
+        ))
+        .await;
+    }
+    send(OutputLine::EndOfExecution).await;
+    Outcome::Idle
 }
 
 /// The MIME type → value map of a bundle, as it went over the wire.

@@ -25,7 +25,10 @@ use crate::error::KernelError;
 use crate::language::{InterruptMode, KernelSpec};
 
 /// How long a kernel may take from spawn to answering `kernel_info` with iopub connected.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Starts tried before giving up: another program may take a port between our pick and the
+/// kernel's bind, which costs one attempt.
+const START_ATTEMPTS: usize = 3;
 
 /// A started kernel, ready for executions.
 pub struct Kernel {
@@ -37,6 +40,29 @@ pub struct Kernel {
     control: DealerSendConnection,
     router: Router,
     readers: Vec<JoinHandle<()>>,
+}
+
+/// Connecting fails now and then while the kernel is still binding its sockets (a peer reset
+/// during the ZMTP greeting), so connecting is retried for as long as the kernel lives.
+async fn connect_retrying<T, F, Fut>(
+    process: &KernelProcess,
+    mut connect: F,
+) -> Result<T, jupyter_zmq_client::RuntimeError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, jupyter_zmq_client::RuntimeError>>,
+{
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        match connect().await {
+            Ok(conn) => return Ok(conn),
+            Err(e) if Instant::now() < deadline && !process.has_exited() => {
+                tracing::debug!(error = %e, "connecting to the kernel; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The messages of one request, until the caller drops it.
@@ -79,6 +105,29 @@ impl Kernel {
         cwd: &Path,
         opts: &KernelOptions,
     ) -> Result<Self, KernelError> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(language, spec, cwd, opts).await {
+                Ok(kernel) => return Ok(kernel),
+                Err(
+                    e @ (KernelError::Connect { .. }
+                    | KernelError::ExitedEarly { .. }
+                    | KernelError::NotReady { .. }),
+                ) if attempt < START_ATTEMPTS => {
+                    tracing::warn!(%language, attempt, error = %e, "kernel start failed; retrying");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn start_once(
+        language: &str,
+        spec: &KernelSpec,
+        cwd: &Path,
+        opts: &KernelOptions,
+    ) -> Result<Self, KernelError> {
         let router = Router::new();
         let (process, info) = process::spawn(language, spec, cwd, opts, router.clone()).await?;
         let session = uuid::Uuid::new_v4().to_string();
@@ -90,19 +139,25 @@ impl Kernel {
                 source,
             }
         };
-        let iopub = jupyter_zmq_client::create_client_iopub_connection(&info, "", &session)
+        let iopub = connect_retrying(&process, || {
+            jupyter_zmq_client::create_client_iopub_connection(&info, "", &session)
+        })
+        .await
+        .map_err(connect_err("iopub"))?;
+        let shell = connect_retrying(&process, || async {
+            let identity = jupyter_zmq_client::peer_identity_for_session(&session)?;
+            jupyter_zmq_client::create_client_shell_connection_with_identity(
+                &info, &session, identity,
+            )
             .await
-            .map_err(connect_err("iopub"))?;
-        let identity = jupyter_zmq_client::peer_identity_for_session(&session)
-            .map_err(connect_err("shell"))?;
-        let shell = jupyter_zmq_client::create_client_shell_connection_with_identity(
-            &info, &session, identity,
-        )
+        })
         .await
         .map_err(connect_err("shell"))?;
-        let control = jupyter_zmq_client::create_client_control_connection(&info, &session)
-            .await
-            .map_err(connect_err("control"))?;
+        let control = connect_retrying(&process, || {
+            jupyter_zmq_client::create_client_control_connection(&info, &session)
+        })
+        .await
+        .map_err(connect_err("control"))?;
         let (shell, shell_rx) = shell.split();
         let (control, control_rx) = control.split();
         let readers = vec![
@@ -121,7 +176,7 @@ impl Kernel {
             // Interrupt replies carry nothing we act on; reading them keeps the queue empty.
             tokio::spawn(router::read_loop(
                 control_rx,
-                From::Shell,
+                From::Control,
                 router.clone(),
                 language.to_owned(),
             )),
@@ -250,6 +305,10 @@ impl Kernel {
         req.silent = silent;
         req.store_history = !silent;
         req.allow_stdin = false;
+        // Runs on a context are serialized by us, so there is no queue of cells to abort after
+        // an error; with ipykernel's default, the env restore that follows a failed run could
+        // itself be aborted (as could the user's next run, if it came quickly).
+        req.stop_on_error = false;
         self.send_shell(req.into(), "execute_request").await
     }
 

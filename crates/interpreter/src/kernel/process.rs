@@ -1,17 +1,21 @@
 //! The kernel process: its connection file, its spawn (cwd, env, uid/gid, own process group),
 //! its log lines and its end.
 
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use jupyter_protocol::{ConnectionInfo, Transport};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::net::TcpListener;
 use tokio::process::Command;
 use tokio::sync::watch;
 
@@ -74,13 +78,7 @@ pub async fn spawn(
     opts: &KernelOptions,
     router: Router,
 ) -> Result<(KernelProcess, ConnectionInfo), KernelError> {
-    let (ports, listeners) =
-        jupyter_zmq_client::peek_ports_with_listeners(IpAddr::V4(Ipv4Addr::LOCALHOST), 5)
-            .await
-            .map_err(|source| KernelError::Ports {
-                language: language.to_owned(),
-                source,
-            })?;
+    let (ports, listeners) = free_ports(language).await?;
     let info = ConnectionInfo {
         ip: "127.0.0.1".to_owned(),
         transport: Transport::TCP,
@@ -170,6 +168,44 @@ pub async fn spawn(
         },
         info,
     ))
+}
+
+/// Ports handed to kernels lately: a kernel binds its ports a while after we release them, and
+/// a second kernel starting meanwhile must not be given the same ones.
+static RECENT_PORTS: Mutex<BTreeMap<u16, Instant>> = Mutex::new(BTreeMap::new());
+/// Long enough for any kernel to have bound its ports (or to have failed).
+const PORT_QUARANTINE: Duration = Duration::from_secs(120);
+
+/// Five free loopback ports, none handed out by this process lately; the listeners hold them
+/// until the kernel is spawned.
+async fn free_ports(language: &str) -> Result<(Vec<u16>, Vec<TcpListener>), KernelError> {
+    let mut ports = Vec::with_capacity(5);
+    let mut listeners = Vec::with_capacity(5);
+    let mut skipped = Vec::new();
+    while ports.len() < 5 {
+        let (mut got, mut held) =
+            jupyter_zmq_client::peek_ports_with_listeners(IpAddr::V4(Ipv4Addr::LOCALHOST), 1)
+                .await
+                .map_err(|source| KernelError::Ports {
+                    language: language.to_owned(),
+                    source,
+                })?;
+        let (Some(port), Some(listener)) = (got.pop(), held.pop()) else {
+            continue;
+        };
+        let mut recent = RECENT_PORTS.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        recent.retain(|_, at| now.duration_since(*at) < PORT_QUARANTINE);
+        if recent.contains_key(&port) {
+            // Kept bound so the next peek cannot return it again.
+            skipped.push(listener);
+            continue;
+        }
+        recent.insert(port, now);
+        ports.push(port);
+        listeners.push(listener);
+    }
+    Ok((ports, listeners))
 }
 
 fn write_connection_file(

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 pub enum From {
     IoPub,
     Shell,
+    Control,
 }
 
 /// A kernel message for one run.
@@ -89,6 +90,11 @@ pub async fn read_loop<S: zeromq::SocketRecv>(
             Err(RuntimeError::ZmqError(e)) => {
                 tracing::debug!(%language, ?from, error = %e, "kernel socket closed");
                 return;
+            }
+            // ipykernel 6's interrupt_reply lacks `status`; nothing on control matters enough
+            // to warn about.
+            Err(e) if from == From::Control => {
+                tracing::debug!(%language, error = %e, "unparsed control message");
             }
             // A message we cannot parse or verify is dropped; the next one may be fine.
             Err(e) => tracing::warn!(%language, ?from, error = %e, "bad kernel message"),
