@@ -274,3 +274,35 @@ async fn executions_in_one_context_are_serialized() {
         Some("['slow start', 'slow end', 'fast']")
     );
 }
+
+#[tokio::test]
+async fn env_vars_are_restored_after_a_failed_run() {
+    let svc = Service::start("python");
+    let failed = svc
+        .execute(json!({"code": "raise ValueError('no')", "env_vars": {"FIRKIN_T": "x"}}))
+        .await;
+    failed.assert_ended();
+    assert_eq!(failed.error().unwrap()["name"], "ValueError");
+    let after = svc
+        .run("import os\nprint(os.environ.get('FIRKIN_T'))", None)
+        .await;
+    assert_eq!(after.stdout(), "None\n", "{:?}", after.lines);
+}
+
+#[tokio::test]
+async fn a_dead_kernel_ends_the_run_and_the_context_comes_back() {
+    let svc = Service::start("python");
+    let ctx = svc.create_context("python").await;
+    svc.run("x = 1", Some(&ctx)).await.assert_ended();
+    let died = svc.run("import os\nos._exit(3)", Some(&ctx)).await;
+    assert_eq!(died.status, StatusCode::OK);
+    assert_eq!(died.error().unwrap()["name"], "UnexpectedEndOfExecution");
+    assert_eq!(
+        died.lines.last().unwrap().1["type"],
+        "unexpected_end_of_execution"
+    );
+    // A fresh kernel: usable, and without the old state.
+    let next = svc.run("'x' in dir()", Some(&ctx)).await;
+    next.assert_ended();
+    assert_eq!(next.text().as_deref(), Some("False"));
+}
