@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::{OwnedMutexGuard, watch};
 
 use crate::error::{KernelError, RequestError};
 use crate::kernel::{Kernel, KernelOptions};
@@ -32,6 +32,8 @@ pub struct Context {
     pub language: String,
     pub cwd: PathBuf,
     kernel: Arc<tokio::sync::Mutex<KernelSlot>>,
+    /// Bumped by restart and remove: runs that started (or queued) before see it and end.
+    cancel: watch::Sender<u64>,
 }
 
 /// A context as `/contexts` shows it.
@@ -49,6 +51,16 @@ impl Context {
             language: self.language.clone(),
             cwd: self.cwd.to_string_lossy().into_owned(),
         }
+    }
+
+    /// Ends the running and queued runs (they report `ContextRestarting`).
+    pub fn cancel_runs(&self) {
+        self.cancel.send_modify(|generation| *generation += 1);
+    }
+
+    /// Notices [`Context::cancel_runs`] calls made from now on.
+    pub fn cancellation(&self) -> watch::Receiver<u64> {
+        self.cancel.subscribe()
     }
 
     /// Waits for the context's current execution, then hands over its kernel.
@@ -114,6 +126,7 @@ impl Contexts {
             language,
             cwd: cwd.unwrap_or_else(|| self.config.default_cwd.clone()),
             kernel: Arc::new(tokio::sync::Mutex::new(None)),
+            cancel: watch::Sender::new(0),
         });
         self.by_id().insert(ctx.id.clone(), ctx.clone());
         ctx
@@ -164,13 +177,15 @@ impl Contexts {
         all
     }
 
-    /// Forgets the context. Its kernel is killed now if idle, else when its execution ends.
+    /// Forgets the context. Its kernel is killed now if idle, else as soon as its run has noticed
+    /// the cancellation.
     pub fn remove(&self, id: &str) -> Result<(), RequestError> {
         let ctx = self
             .by_id()
             .remove(id)
             .ok_or_else(|| RequestError::UnknownContext(id.to_owned()))?;
         self.defaults().retain(|_, v| v != id);
+        ctx.cancel_runs();
         if let Ok(mut slot) = ctx.kernel.try_lock() {
             slot.take();
         }
@@ -185,9 +200,10 @@ impl Contexts {
         }
     }
 
-    /// A fresh kernel for the context, after the running execution (if any) has finished.
+    /// A fresh kernel for the context, once the running execution (if any) has been cancelled.
     pub async fn restart(&self, id: &str) -> Result<(), RequestError> {
         let ctx = self.find(id)?;
+        ctx.cancel_runs();
         let mut slot = ctx.lock().await;
         // The old kernel goes first: two interpreters with a data stack loaded may not fit.
         slot.take();

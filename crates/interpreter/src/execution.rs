@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use jupyter_protocol::{ExecutionState, JupyterMessageContent, Media, ReplyStatus, Stdio};
 use serde_json::{Map, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::envvars;
@@ -39,6 +39,8 @@ pub enum Outcome {
     Died,
     /// Did not go idle after an interrupt and SIGINT; the caller should restart it.
     Stuck,
+    /// The context is being restarted or removed; its kernel is about to go anyway.
+    Cancelled,
 }
 
 /// Why a run is being interrupted.
@@ -51,7 +53,12 @@ enum Stop {
 /// Runs `req` on `kernel`, sending the lines to `out` as they happen. A closed `out` means
 /// the client left: the run is interrupted, but the kernel is still waited for (and per-run env
 /// vars restored) so the next run on the context starts clean.
-pub async fn run(kernel: &mut Kernel, req: RunRequest, out: mpsc::Sender<OutputLine>) -> Outcome {
+pub async fn run(
+    kernel: &mut Kernel,
+    req: RunRequest,
+    out: mpsc::Sender<OutputLine>,
+    cancel: watch::Receiver<u64>,
+) -> Outcome {
     let dialect = Dialect::of(kernel.language());
     let env_dialect = dialect.filter(|_| !req.env_vars.is_empty());
     if let Some(d) = env_dialect
@@ -69,7 +76,7 @@ pub async fn run(kernel: &mut Kernel, req: RunRequest, out: mpsc::Sender<OutputL
             Outcome::Died
         };
     }
-    let outcome = stream(kernel, &req, &out).await;
+    let outcome = stream(kernel, &req, &out, cancel).await;
     if outcome == Outcome::Idle
         && let Some(d) = env_dialect
         && let Err(e) = kernel
@@ -81,7 +88,12 @@ pub async fn run(kernel: &mut Kernel, req: RunRequest, out: mpsc::Sender<OutputL
     outcome
 }
 
-async fn stream(kernel: &mut Kernel, req: &RunRequest, out: &mpsc::Sender<OutputLine>) -> Outcome {
+async fn stream(
+    kernel: &mut Kernel,
+    req: &RunRequest,
+    out: &mpsc::Sender<OutputLine>,
+    mut cancel: watch::Receiver<u64>,
+) -> Outcome {
     let send = |line| async move {
         // A departed client is noticed through `out.closed()`; nothing to do here.
         let _ = out.send(line).await;
@@ -168,6 +180,14 @@ async fn stream(kernel: &mut Kernel, req: &RunRequest, out: &mpsc::Sender<Output
             }
             // Idle and the reply travel on different sockets; the reply tells an aborted run apart.
             () = tokio::time::sleep_until(idle_at.unwrap_or(far) + REPLY_GRACE), if idle_at.is_some() => break,
+            Ok(()) = cancel.changed() => {
+                kernel.interrupt().await;
+                if !errored {
+                    send(OutputLine::error("ContextRestarting", "the context is being restarted or removed")).await;
+                }
+                send(OutputLine::EndOfExecution).await;
+                return Outcome::Cancelled;
+            }
             () = out.closed(), if stopped.is_none() => {
                 tracing::info!(language = %kernel.language(), "client left; interrupting");
                 kernel.interrupt().await;

@@ -306,3 +306,25 @@ async fn a_dead_kernel_ends_the_run_and_the_context_comes_back() {
     next.assert_ended();
     assert_eq!(next.text().as_deref(), Some("False"));
 }
+
+#[tokio::test]
+async fn restart_cancels_the_running_execution() {
+    let svc = Service::start("python");
+    let ctx = svc.create_context("python").await;
+    let started = Instant::now();
+    let (run, restarted) = tokio::join!(svc.run("while True: pass", Some(&ctx)), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        svc.request(Method::POST, &format!("/contexts/{ctx}/restart"), None)
+            .await
+    });
+    assert!(restarted.0.is_success(), "{restarted:?}");
+    run.assert_ended();
+    assert_eq!(run.error().unwrap()["name"], "ContextRestarting");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let next = svc.run("1 + 1", Some(&ctx)).await;
+    assert_eq!(next.text().as_deref(), Some("2"));
+}

@@ -61,6 +61,8 @@ pub async fn execute(
         .filter(|t| t.is_finite() && *t > 0.0)
         .map(Duration::from_secs_f64);
 
+    // Taken before queueing for the kernel: a restart meanwhile cancels this run too.
+    let cancel = ctx.cancellation();
     let mut slot = ctx.lock().await;
     contexts
         .ensure_started(&ctx, &mut slot)
@@ -77,7 +79,7 @@ pub async fn execute(
         let Some(kernel) = slot.as_mut() else {
             return;
         };
-        let outcome = execution::run(kernel, req, tx).await;
+        let outcome = execution::run(kernel, req, tx, cancel).await;
         if outcome == Outcome::Stuck || outcome == Outcome::Died {
             slot.take();
             // Started again now rather than on the next run, so the context is ready sooner.
