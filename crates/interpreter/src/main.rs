@@ -75,7 +75,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    // `--default-languages ''` means none.
+    args.default_languages.retain(|l| !l.trim().is_empty());
     let config = ServiceConfig {
         kernels: kernels(&args.kernels)?,
         default_cwd: args.cwd,

@@ -47,6 +47,11 @@ pub struct Service {
 
 impl Service {
     pub fn start(default_languages: &str) -> Self {
+        Self::start_with(default_languages, &[])
+    }
+
+    /// With extra command-line flags for the service.
+    pub fn start_with(default_languages: &str, extra: &[&str]) -> Self {
         let cwd = tempfile::tempdir().unwrap();
         let runtime: PathBuf = cwd.path().join(".runtime");
         let mut child = Command::new(env!("CARGO_BIN_EXE_firkin-interpreter"))
@@ -60,6 +65,7 @@ impl Service {
                 python()
             ))
             .args(["--default-languages", default_languages])
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
