@@ -107,8 +107,59 @@ pub fn restore_snippet(dialect: Dialect, vars: &BTreeMap<String, String>) -> Str
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::process::Command;
+
+    /// Runs set, a print of the vars, restore, and a print again, in one interpreter.
+    fn round_trip(program: &str, flag: &str, dialect: Dialect, print: &str) -> String {
+        let v = vars(&[("FIRKIN_A", "it's $HOME \"q\""), ("FIRKIN_B", "new")]);
+        let script = format!(
+            "{}{print}\n{}{print}\n",
+            set_snippet(dialect, &v),
+            restore_snippet(dialect, &v)
+        );
+        let out = Command::new(program)
+            .args([flag, &script])
+            .env_remove("FIRKIN_A")
+            .env("FIRKIN_B", "old")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn bash_snippets_set_and_restore() {
+        let out = round_trip(
+            "bash",
+            "-c",
+            Dialect::Bash,
+            r#"echo "${FIRKIN_A-unset}|$FIRKIN_B""#,
+        );
+        assert_eq!(out, "it's $HOME \"q\"|new\nunset|old\n");
+    }
+
+    #[test]
+    fn python_snippets_set_and_restore() {
+        let python = if std::path::Path::new("/usr/bin/python3").exists() {
+            "/usr/bin/python3"
+        } else {
+            "python3"
+        };
+        let out = round_trip(
+            python,
+            "-c",
+            Dialect::Python,
+            "import os; print(os.environ.get('FIRKIN_A', 'unset') + '|' + os.environ['FIRKIN_B'])",
+        );
+        assert_eq!(out, "it's $HOME \"q\"|new\nunset|old\n");
+    }
 
     fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
