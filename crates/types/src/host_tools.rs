@@ -106,7 +106,10 @@ pub const HOST_TOOLS: &[HostTool] = &[
     HostTool {
         binary: "/usr/bin/python3",
         package: "python3-ipykernel",
-        version_args: &["-c", "import ipykernel; print('ipykernel', ipykernel.__version__)"],
+        version_args: &[
+            "-c",
+            "import ipykernel; print('ipykernel', ipykernel.__version__)",
+        ],
         needed_for: ToolUse::Tests,
         env_override: Some("FIRKIN_TEST_PYTHON"),
     },
