@@ -100,6 +100,19 @@ pub const HOST_TOOLS: &[HostTool] = &[
         needed_for: ToolUse::Networks,
         env_override: None,
     },
+    // The code interpreter's (`firkin-interpreter`) tests run a real Jupyter kernel: Debian's
+    // ipykernel. Named by path because that is where apt installs it; a pyenv or venv `python3`
+    // earlier on PATH would lack the module (FIRKIN_TEST_PYTHON picks another interpreter).
+    HostTool {
+        binary: "/usr/bin/python3",
+        package: "python3-ipykernel",
+        version_args: &[
+            "-c",
+            "import ipykernel; print('ipykernel', ipykernel.__version__)",
+        ],
+        needed_for: ToolUse::Tests,
+        env_override: Some("FIRKIN_TEST_PYTHON"),
+    },
     HostTool {
         binary: "busybox",
         package: "busybox-static",

@@ -1,0 +1,135 @@
+//! Language names as clients spell them, and the kernel command for each.
+
+use std::collections::BTreeMap;
+
+/// How a kernel wants to be interrupted, as a kernelspec's `interrupt_mode` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterruptMode {
+    /// `interrupt_request` on the control channel (SIGINT if that does not stop it).
+    Message,
+    /// SIGINT to the kernel process: IRkernel and bash_kernel do not implement the message.
+    Signal,
+}
+
+/// How to start one language's kernel.
+#[derive(Debug, Clone)]
+pub struct KernelSpec {
+    /// The command; `{connection_file}` is replaced by the connection file's path.
+    pub argv: Vec<String>,
+    /// Added to the service's own environment.
+    pub env: BTreeMap<String, String>,
+    pub interrupt_mode: InterruptMode,
+    /// Deno's kernel ends an interrupted run without an `error`; the service makes one up.
+    pub silent_on_interrupt: bool,
+}
+
+impl KernelSpec {
+    fn new(argv: &[&str], interrupt_mode: InterruptMode) -> Self {
+        Self {
+            argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+            env: BTreeMap::new(),
+            interrupt_mode,
+            silent_on_interrupt: false,
+        }
+    }
+}
+
+/// The kernels the service knows, keyed by canonical language name.
+pub fn default_kernels() -> BTreeMap<String, KernelSpec> {
+    let deno = || {
+        let mut spec = KernelSpec::new(
+            &["deno", "jupyter", "--kernel", "--conn", "{connection_file}"],
+            InterruptMode::Message,
+        );
+        // Without it Deno colours `text/plain` (`\e[33m42\e[39m`).
+        spec.env.insert("NO_COLOR".into(), "1".into());
+        spec.silent_on_interrupt = true;
+        spec
+    };
+    BTreeMap::from([
+        (
+            "python".to_owned(),
+            KernelSpec::new(
+                &[
+                    "python3",
+                    "-m",
+                    "ipykernel_launcher",
+                    "-f",
+                    "{connection_file}",
+                ],
+                InterruptMode::Message,
+            ),
+        ),
+        ("javascript".to_owned(), deno()),
+        ("typescript".to_owned(), deno()),
+        (
+            "r".to_owned(),
+            KernelSpec::new(
+                &[
+                    "R",
+                    "--slave",
+                    "-e",
+                    "IRkernel::main()",
+                    "--args",
+                    "{connection_file}",
+                ],
+                InterruptMode::Signal,
+            ),
+        ),
+        (
+            "bash".to_owned(),
+            KernelSpec::new(
+                &["python3", "-m", "bash_kernel", "-f", "{connection_file}"],
+                InterruptMode::Signal,
+            ),
+        ),
+    ])
+}
+
+/// The canonical name of a language as a client wrote it: trimmed, lowercased, aliases resolved.
+pub fn canonical(name: &str) -> String {
+    let name = name.trim().to_lowercase();
+    match name.as_str() {
+        "js" => "javascript".to_owned(),
+        "ts" => "typescript".to_owned(),
+        "py" | "python3" => "python".to_owned(),
+        "sh" => "bash".to_owned(),
+        _ => name,
+    }
+}
+
+/// The snippet family used to set and restore env vars for one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Python,
+    Deno,
+    R,
+    Bash,
+}
+
+impl Dialect {
+    /// The dialect for a canonical language name; `None` where per-run env vars are unsupported.
+    pub fn of(language: &str) -> Option<Self> {
+        match language {
+            "python" => Some(Self::Python),
+            "javascript" | "typescript" => Some(Self::Deno),
+            "r" => Some(Self::R),
+            "bash" => Some(Self::Bash),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aliases_resolve() {
+        assert_eq!(canonical(" JS "), "javascript");
+        assert_eq!(canonical("ts"), "typescript");
+        assert_eq!(canonical("Python"), "python");
+        assert_eq!(canonical("r"), "r");
+        assert!(default_kernels().contains_key(&canonical("Bash")));
+    }
+}

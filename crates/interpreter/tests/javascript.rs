@@ -1,0 +1,64 @@
+//! The service against Deno's Jupyter kernel. These run only where `deno` is on PATH (it is not
+//! a Debian package; the code-interpreter template installs it from npm); elsewhere each test
+//! returns at once, saying so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Service, have_deno};
+use serde_json::json;
+
+#[tokio::test]
+async fn javascript_and_typescript_keep_state() {
+    if !have_deno() {
+        eprintln!("skipped: deno is not on PATH");
+        return;
+    }
+    let svc = Service::start("python,javascript");
+    let js = |code: &str| json!({"code": code, "language": "js"});
+    svc.execute(js("let x = 21;")).await.assert_ended();
+    let r = svc.execute(js("x * 2")).await;
+    r.assert_ended();
+    assert_eq!(r.text().as_deref(), Some("42"));
+
+    let ts = |code: &str| json!({"code": code, "language": "ts"});
+    svc.execute(ts("const y: number = 20;"))
+        .await
+        .assert_ended();
+    let r = svc.execute(ts("y + 1")).await;
+    assert_eq!(r.text().as_deref(), Some("21"));
+
+    let err = svc.execute(js("throw new Error('boom')")).await;
+    err.assert_ended();
+    assert_eq!(err.error().unwrap()["name"], "Error");
+
+    let env = svc
+        .execute(
+            json!({"code": "Deno.env.get('FIRKIN_T')", "language": "javascript",
+            "env_vars": {"FIRKIN_T": "v"}}),
+        )
+        .await;
+    assert_eq!(env.text().as_deref(), Some("v"));
+    let after = svc.execute(js("Deno.env.get('FIRKIN_T') ?? 'unset'")).await;
+    assert_eq!(after.text().as_deref(), Some("unset"));
+}
+
+#[tokio::test]
+async fn an_interrupted_deno_run_reports_an_error() {
+    if !have_deno() {
+        eprintln!("skipped: deno is not on PATH");
+        return;
+    }
+    let svc = Service::start("javascript");
+    let started = std::time::Instant::now();
+    let run = svc
+        .execute(json!({"code": "while (true) {}", "language": "js", "timeout": 2}))
+        .await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    run.assert_ended();
+    assert_eq!(run.error().unwrap()["name"], "TimeoutError");
+    let next = svc
+        .execute(json!({"code": "1 + 1", "language": "js"}))
+        .await;
+    assert_eq!(next.text().as_deref(), Some("2"));
+}
