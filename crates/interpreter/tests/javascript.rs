@@ -1,6 +1,6 @@
-//! The service against Deno's Jupyter kernel. These run only where `deno` is on PATH (it is not
-//! a Debian package; the code-interpreter template installs it from npm); elsewhere each test
-//! returns at once, saying so.
+//! The service against Deno's Jupyter kernel. Deno is not a Debian package and the set-up does
+//! not put it on the host, so these are ignored by default: `cargo test -p firkin-interpreter
+//! -- --ignored` runs them where `deno` is on PATH (and fails where it is not).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -9,11 +9,9 @@ use common::{Service, have_deno};
 use serde_json::json;
 
 #[tokio::test]
+#[ignore = "needs deno on PATH, which the set-up does not install on the host"]
 async fn javascript_and_typescript_keep_state() {
-    if !have_deno() {
-        eprintln!("skipped: deno is not on PATH");
-        return;
-    }
+    assert!(have_deno(), "deno is not on PATH");
     let svc = Service::start("python,javascript");
     let js = |code: &str| json!({"code": code, "language": "js"});
     svc.execute(js("let x = 21;")).await.assert_ended();
@@ -44,11 +42,9 @@ async fn javascript_and_typescript_keep_state() {
 }
 
 #[tokio::test]
+#[ignore = "needs deno on PATH, which the set-up does not install on the host"]
 async fn an_interrupted_deno_run_reports_an_error() {
-    if !have_deno() {
-        eprintln!("skipped: deno is not on PATH");
-        return;
-    }
+    assert!(have_deno(), "deno is not on PATH");
     let svc = Service::start("javascript");
     let started = std::time::Instant::now();
     let run = svc

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::io;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,14 +13,14 @@ use axum::body::BodyDataStream;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use firkin_e2b_wire::file_signature::{SignatureError, SignedQuery, SigningOp};
-use futures::{StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::ApiError;
 use crate::fsops::{self, FsIdentity};
@@ -89,8 +90,7 @@ pub async fn download(
         .file_name()
         .map(|n| n.to_string_lossy().replace(['"', '\\', '\r', '\n'], "_"))
         .unwrap_or_default();
-    let file = tokio::fs::File::from_std(file);
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, CHUNK);
+    let stream = read_chunks(file);
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,
@@ -104,6 +104,37 @@ pub async fn download(
         headers.insert(header::CONTENT_DISPOSITION, v);
     }
     Ok((StatusCode::OK, headers, Body::from_stream(stream)).into_response())
+}
+
+/// Bytes read from the file per blocking read of a download.
+const READ_CHUNK: usize = 512 * 1024;
+
+/// The file's content as chunks, each read on a blocking thread straight into the buffer
+/// that is then sent: no intermediate buffer to copy out of (tokio's `File` keeps one), and
+/// few thread hand-offs (each a guest context switch, dear under TCG).
+fn read_chunks(file: std::fs::File) -> impl Stream<Item = io::Result<Bytes>> + Send {
+    futures::stream::try_unfold(Some(Arc::new(file)), |file| async move {
+        let Some(file) = file else {
+            return Ok(None);
+        };
+        let reader = Arc::clone(&file);
+        let chunk = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+            let mut buf = Vec::with_capacity(READ_CHUNK);
+            // `read_to_end` fills the spare capacity without zeroing it first.
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(&*reader, READ_CHUNK as u64),
+                &mut buf,
+            )?;
+            Ok(buf)
+        })
+        .await
+        .map_err(|e| io::Error::other(format!("file reader failed: {e}")))??;
+        if chunk.is_empty() {
+            return Ok(None);
+        }
+        // A short read means the end (or a pipe-like file that paused): one more read settles it.
+        Ok(Some((Bytes::from(chunk), Some(file))))
+    })
 }
 
 /// The size a download can announce, or `None` when the file's real length is only known
@@ -233,13 +264,15 @@ async fn write_upload(
             .unwrap_or("identity")
             .trim()
             .to_ascii_lowercase();
-        let reader =
-            tokio_util::io::StreamReader::new(stream.map_err(|e| io::Error::other(e.to_string())));
+        let body = stream.map_err(|e| io::Error::other(e.to_string()));
         match encoding.as_str() {
-            "" | "identity" => write_file(envd, &user, &path, reader, &metadata).await?,
+            "" | "identity" => write_file(envd, &user, &path, body, &metadata).await?,
             "gzip" | "x-gzip" => {
-                let decoder = async_compression::tokio::bufread::GzipDecoder::new(reader);
-                write_file(envd, &user, &path, decoder, &metadata).await?
+                let decoder = async_compression::tokio::bufread::GzipDecoder::new(
+                    tokio_util::io::StreamReader::new(body),
+                );
+                let chunks = tokio_util::io::ReaderStream::with_capacity(decoder, CHUNK);
+                write_file(envd, &user, &path, chunks, &metadata).await?
             }
             other => {
                 return Err(ApiError::bad_request(format!(
@@ -277,10 +310,9 @@ async fn write_upload(
                     path.display()
                 )));
             }
-            let reader = tokio_util::io::StreamReader::new(
-                field.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
-            );
-            write_file(envd, &user, &path, reader, &metadata).await?;
+            let chunks =
+                field.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+            write_file(envd, &user, &path, chunks, &metadata).await?;
             out.push(write_info(&path, &metadata));
         }
         if out.is_empty() {
@@ -410,14 +442,17 @@ fn replace_metadata(path: &Path, metadata: &[(String, String)]) -> io::Result<()
     fsops::write_metadata(path, metadata)
 }
 
-/// Creates (as `user`) the parent directories and the file, then copies `reader` into it.
-async fn write_file<R: AsyncRead + Unpin>(
+/// Creates (as `user`) the parent directories and the file, then writes `body` into it.
+async fn write_file<S>(
     envd: &Envd,
     user: &User,
     path: &Path,
-    mut reader: R,
+    body: S,
     metadata: &[(String, String)],
-) -> Result<(), ApiError> {
+) -> Result<(), ApiError>
+where
+    S: Stream<Item = io::Result<Bytes>> + Unpin,
+{
     let what = path.display().to_string();
     let id = FsIdentity::of(user, &envd.accounts);
     let p: PathBuf = path.to_owned();
@@ -458,12 +493,30 @@ async fn write_file<R: AsyncRead + Unpin>(
     .await
     .map_err(|e| ApiError::from_io(&e, &what))?;
 
-    let mut file = tokio::fs::File::from_std(file);
-    let mut buf = vec![0u8; CHUNK];
+    copy_into(file, body, &what).await
+}
+
+/// Bytes handed to one blocking write: large enough that the thread hand-off is rare (each
+/// costs the guest a context switch, dear under TCG), small enough to bound an upload's memory.
+const BATCH: usize = 512 * 1024;
+
+/// Writes `body` into `file` as it arrives: its chunks are written as they are, without
+/// being copied into a buffer first (each copy of a large upload costs the guest a visible
+/// share of the transfer under TCG), a batch at a time on a blocking thread while the next
+/// batch is received.
+async fn copy_into<S>(file: std::fs::File, mut body: S, what: &str) -> Result<(), ApiError>
+where
+    S: Stream<Item = io::Result<Bytes>> + Unpin,
+{
+    let file = Arc::new(file);
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batched = 0usize;
+    let mut in_flight: Option<tokio::task::JoinHandle<io::Result<()>>> = None;
     loop {
-        let n = match tokio::time::timeout(IDLE_TIMEOUT, reader.read(&mut buf)).await {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
+        let next = match tokio::time::timeout(IDLE_TIMEOUT, body.next()).await {
+            Ok(Some(Ok(chunk))) => Some(chunk),
+            Ok(None) => None,
+            Ok(Some(Err(e))) => {
                 return Err(ApiError::bad_request(format!(
                     "reading upload body for {what}: {e}"
                 )));
@@ -475,18 +528,39 @@ async fn write_file<R: AsyncRead + Unpin>(
                 ));
             }
         };
-        if n == 0 {
+        let done = next.is_none();
+        if let Some(chunk) = next {
+            batched += chunk.len();
+            batch.push(chunk);
+        }
+        if batched >= BATCH || (done && !batch.is_empty()) {
+            if let Some(write) = in_flight.take() {
+                finish_write(write, what).await?;
+            }
+            let (file, chunks) = (Arc::clone(&file), std::mem::take(&mut batch));
+            batched = 0;
+            in_flight = Some(tokio::task::spawn_blocking(move || {
+                chunks.iter().try_for_each(|c| (&*file).write_all(c))
+            }));
+        }
+        if done {
             break;
         }
-        file.write_all(&buf[..n])
-            .await
-            .map_err(|e| ApiError::from_io(&e, &what))?;
     }
-    // tokio's File completes writes in the background; only flush reports their errors.
-    file.flush()
+    match in_flight {
+        Some(write) => finish_write(write, what).await,
+        None => Ok(()),
+    }
+}
+
+async fn finish_write(
+    write: tokio::task::JoinHandle<io::Result<()>>,
+    what: &str,
+) -> Result<(), ApiError> {
+    write
         .await
-        .map_err(|e| ApiError::from_io(&e, &what))?;
-    Ok(())
+        .map_err(|e| ApiError::internal(format!("writing {what}: worker failed: {e}")))?
+        .map_err(|e| ApiError::from_io(&e, what))
 }
 
 #[cfg(test)]
