@@ -67,7 +67,7 @@ fn code_interpreter_commands() -> Vec<String> {
         // `setsid` and the redirections detach it from envd's process, whose end the build
         // waits for. Only Python's kernel is started now: Deno is not in this image yet.
         "cd / && setsid /usr/local/bin/firkin-interpreter --uid 1000 --gid 1000 \
-         --home /home/user --cwd /home/user --default-languages python \
+         --home /home/user --user user --cwd /home/user --default-languages python \
          >/var/log/firkin-interpreter.log 2>&1 </dev/null &"
             .to_owned(),
         // Warm: the first execution waits for the default kernel, and pyplot's import builds
