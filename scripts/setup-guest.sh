@@ -90,6 +90,8 @@ install_packages() {
 build_guest_binaries() {
     local pkgs=(-p firkin-init)
     if [ -f "$repo/crates/envd/Cargo.toml" ]; then pkgs+=(-p firkin-envd); fi
+    # The code interpreter (port 49999): only templates whose recipe asks for it get it.
+    if [ -f "$repo/crates/interpreter/Cargo.toml" ]; then pkgs+=(-p firkin-interpreter); fi
     log "building static ${pkgs[*]}"
     # Static glibc binaries; the explicit --target keeps these RUSTFLAGS from invalidating the
     # host build.
@@ -98,7 +100,7 @@ build_guest_binaries() {
     # Installed into the cache, where firkin looks for them (FIRKIN_GUEST_BIN_DIR overrides),
     # so a running firkin does not depend on this checkout's target directory.
     mkdir -p "$cache/guest/bin"
-    for b in firkin-init firkin-envd; do
+    for b in firkin-init firkin-envd firkin-interpreter; do
         if [ -f "$guest_bin/$b" ]; then
             install -m 0755 "$guest_bin/$b" "$cache/guest/bin/$b.tmp"
             mv -f "$cache/guest/bin/$b.tmp" "$cache/guest/bin/$b"

@@ -21,4 +21,6 @@ cargo build -p firkin -p firkin-envd
 target="${CARGO_TARGET_DIR:-$REPO/target}/debug"
 export FIRKIN_BIN="${FIRKIN_BIN:-$target/firkin}"
 export FIRKIN_ENVD_BIN="${FIRKIN_ENVD_BIN:-$target/firkin-envd}"
-exec "$VENV/bin/python" -m pytest -q tests/sdk/test_serve.py "$@"
+# test_code_interpreter.py starts its own server with `--template code-interpreter-v1`: the
+# template is built once per cache (minutes under TCG) and adopted by later runs.
+exec "$VENV/bin/python" -m pytest -q tests/sdk/test_serve.py tests/sdk/test_code_interpreter.py "$@"

@@ -132,9 +132,10 @@ def assert_every_process_has_a_record(server: "Serve") -> None:
 class Serve:
     """One `firkin serve` process."""
 
-    def __init__(self, state_dir: str, key: str, port: int | None = None):
+    def __init__(self, state_dir: str, key: str, port: int | None = None, extra_args: list[str] = ()):
         self.state_dir = state_dir
         self.key = key
+        self.extra_args = list(extra_args)
         # Servers of the suite run side by side: each has its own slot names and addresses,
         # kept across its restarts (a restarted server removes what its crashed run left).
         n = next(SERVERS)
@@ -166,6 +167,7 @@ class Serve:
                 BACKEND,
                 "--warm-pool",
                 f"base={WARM}",
+                *self.extra_args,
             ],
             stdout=subprocess.PIPE,
             stderr=self.log,

@@ -2,9 +2,10 @@
 # SDK they test. Expects REPO; sets VENV.
 #
 #   FIRKIN_SDK_VENV     the venv (default $REPO/.venv)
-#   FIRKIN_SDK_NEWEST=1 install the newest e2b and pytest on PyPI instead of the pins in
-#                       requirements.txt (scripts/test.sh's compatibility matrix; use another
-#                       venv, e.g. $REPO/.venv-latest, so that the pinned one stays pinned)
+#   FIRKIN_SDK_NEWEST=1 install the newest e2b, e2b-code-interpreter and pytest on PyPI instead
+#                       of the pins in requirements.txt (scripts/test.sh's compatibility matrix;
+#                       use another venv, e.g. $REPO/.venv-latest, so that the pinned one stays
+#                       pinned)
 #
 # Works on a fresh Debian 12 machine as root: installs python3-venv when needed.
 VENV="${FIRKIN_SDK_VENV:-$REPO/.venv}"
@@ -20,7 +21,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 if [ "${FIRKIN_SDK_NEWEST:-0}" = 1 ]; then
-  "$VENV/bin/pip" install --disable-pip-version-check -q -U e2b pytest
+  "$VENV/bin/pip" install --disable-pip-version-check -q -U e2b e2b-code-interpreter pytest
 else
   # pip skips what is already installed at the pinned versions, so reruns are quick.
   "$VENV/bin/pip" install --disable-pip-version-check -q -r "$REPO/tests/sdk/requirements.txt"

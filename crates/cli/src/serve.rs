@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use firkin_artifacts::DigestCache;
 use firkin_runtime::{FirkinPaths, RuntimeConfig, SandboxRuntime};
-use firkin_server::types::BuildTemplateRequest;
 use firkin_server::{
     ApiKeySetup, BuildProgress, CapacityPolicy, EnsureTemplate, HostResources, Server,
     ServerConfig, TemplateBuilder,
@@ -109,6 +108,12 @@ pub struct ServeArgs {
     /// Do not build the default template `base` at start.
     #[arg(long)]
     no_default_template: bool,
+
+    /// A built-in template to have ready before the banner, besides `base`
+    /// (`code-interpreter-v1`): adopted from the cache or built now, one build at a time.
+    /// Repeatable. Without it a built-in template is built on its first create.
+    #[arg(long = "template", value_name = "NAME")]
+    templates: Vec<String>,
 
     #[command(flatten)]
     net: crate::network::NetworkArgs,
@@ -303,31 +308,43 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         })?;
     let local = listener.local_addr()?;
 
-    let ensure = if args.no_default_template {
-        None
-    } else {
-        Some(server.ensure_template(BuildTemplateRequest {
-            template_id: firkin_server::app::DEFAULT_TEMPLATE.to_owned(),
-            ..BuildTemplateRequest::default()
-        })?)
-    };
-    if matches!(
-        ensure,
-        Some(EnsureTemplate::Adopted { .. } | EnsureTemplate::Ready)
-    ) {
-        // Before serving, so that the first create does not pay for hashing the template (a
-        // template adopted into a new state directory has never been hashed by this server).
-        let began = std::time::Instant::now();
-        match server
-            .verify_template(firkin_server::app::DEFAULT_TEMPLATE)
-            .await
-        {
-            Ok(_) => tracing::info!(
-                ms = began.elapsed().as_millis() as u64,
-                "default template verified"
-            ),
-            // Creates from it will fail the same check and say so; other templates still work.
-            Err(err) => tracing::error!(%err, "the default template does not verify"),
+    let mut wanted: Vec<String> = Vec::new();
+    if !args.no_default_template {
+        wanted.push(firkin_server::app::DEFAULT_TEMPLATE.to_owned());
+    }
+    for t in &args.templates {
+        if !wanted.contains(t) {
+            wanted.push(t.clone());
+        }
+    }
+    let mut recipes = wanted
+        .iter()
+        .map(|name| {
+            firkin_server::recipes::builtin(name).ok_or_else(|| {
+                anyhow!(
+                    "--template {name}: not a built-in template (built-ins: {}); build others \
+                     with `firkin template build`",
+                    firkin_server::recipes::BUILTIN_TEMPLATES.join(", ")
+                )
+            })
+        })
+        .collect::<Result<std::collections::VecDeque<_>>>()?;
+    // Templates that are there (or adoptable) are verified before serving; at the first that
+    // needs a build the rest wait for it, since two builds at once only slow each other down.
+    let mut building = None;
+    while let Some(recipe) = recipes.pop_front() {
+        let name = recipe.template_id.clone();
+        match server.ensure_template(recipe)? {
+            EnsureTemplate::Building { build_id, progress } => {
+                building = Some((name, build_id, progress));
+                break;
+            }
+            ready => {
+                if let EnsureTemplate::Adopted { build_id } = ready {
+                    tracing::info!(template = %name, %build_id, "using a cached build");
+                }
+                verify_before_serving(&server, &name).await;
+            }
         }
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -337,22 +354,30 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             _ = stop_rx => {}
         }
     };
+    let server_handle = server.templates();
     let serving = tokio::spawn(server.serve(listener, shutdown));
     tracing::info!(%local, "listening");
 
-    match ensure {
-        Some(EnsureTemplate::Building { build_id, progress }) => {
-            tracing::info!(%build_id, "building the default template `base` (first start)");
-            if let Err(reason) = follow_build(&progress).await {
-                let _ = stop_tx.send(());
-                let _ = serving.await;
-                bail!("building the default template failed: {reason}\n(run `firkin doctor`)");
+    while let Some((name, build_id, progress)) = building.take() {
+        tracing::info!(template = %name, %build_id, "building a built-in template (first start)");
+        if let Err(reason) = follow_build(&progress).await {
+            let _ = stop_tx.send(());
+            let _ = serving.await;
+            bail!("building the template {name} failed: {reason}\n(run `firkin doctor`)");
+        }
+        while let Some(recipe) = recipes.pop_front() {
+            let name = recipe.template_id.clone();
+            match server_handle.ensure(recipe)? {
+                EnsureTemplate::Building { build_id, progress } => {
+                    building = Some((name, build_id, progress));
+                    break;
+                }
+                EnsureTemplate::Adopted { build_id } => {
+                    tracing::info!(template = %name, %build_id, "using a cached build");
+                }
+                EnsureTemplate::Ready => {}
             }
         }
-        Some(EnsureTemplate::Adopted { build_id }) => {
-            tracing::info!(%build_id, "using the cached build of `base`");
-        }
-        Some(EnsureTemplate::Ready) | None => {}
     }
     print_banner(local, &key);
     let served = serving
@@ -367,6 +392,21 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     }
     served??;
     Ok(())
+}
+
+/// Hashes `template` into the digest cache before serving, so that the first create does not
+/// pay for it (a template adopted into a new state directory has never been hashed here).
+async fn verify_before_serving(server: &Server, template: &str) {
+    let began = std::time::Instant::now();
+    match server.verify_template(template).await {
+        Ok(_) => tracing::info!(
+            template,
+            ms = began.elapsed().as_millis() as u64,
+            "template verified"
+        ),
+        // Creates from it will fail the same check and say so; other templates still work.
+        Err(err) => tracing::error!(%err, "a template does not verify"),
+    }
 }
 
 /// Shows a build's progress until it ends: as a progress bar on a terminal, else as log lines

@@ -19,11 +19,14 @@ pub enum TemplateCommand {
     /// Examples:
     ///
     ///   firkin template build base
+    ///   firkin template build code-interpreter-v1
     ///   firkin template build python --cpus 2 --memory-mb 1024 --run 'apt-get install -y python3'
     ///   firkin template build base --force --json
     #[command(verbatim_doc_comment)]
     Build {
-        /// Template name (lowercase letters, digits, `-`, `_`, `.`).
+        /// Template name (lowercase letters, digits, `-`, `_`, `.`). A built-in name (`base`,
+        /// `code-interpreter-v1`) without --from-* builds its built-in recipe; --cpus,
+        /// --memory-mb and --disk-mb override its budget and --run adds commands after its own.
         name: String,
         /// vCPUs per sandbox.
         #[arg(long)]
@@ -96,14 +99,25 @@ pub async fn run(cmd: TemplateCommand) -> Result<ExitCode> {
         } => {
             let from = source(from_debian, packages, from_oci, from_dir)?;
             let api = endpoint.connect()?;
-            let req = BuildTemplateRequest {
-                template_id: name.clone(),
-                cpu_count: cpus,
-                memory_mb,
-                disk_size_mb: disk_mb,
-                commands,
-                force,
-                from,
+            let req = match (from, firkin_server::recipes::builtin(&name)) {
+                (None, Some(mut recipe)) => {
+                    recipe.cpu_count = cpus.or(recipe.cpu_count);
+                    recipe.memory_mb = memory_mb.or(recipe.memory_mb);
+                    recipe.disk_size_mb = disk_mb.or(recipe.disk_size_mb);
+                    recipe.commands.extend(commands);
+                    recipe.force = force;
+                    recipe
+                }
+                (from, _) => BuildTemplateRequest {
+                    template_id: name.clone(),
+                    cpu_count: cpus,
+                    memory_mb,
+                    disk_size_mb: disk_mb,
+                    commands,
+                    force,
+                    from,
+                    interpreter: false,
+                },
             };
             let started: BuildStatusResponse = api
                 .call(Method::POST, "/firkin/v1/templates", Some(&req))

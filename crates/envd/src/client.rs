@@ -262,6 +262,24 @@ impl Client {
         success(status, &resp)
     }
 
+    /// `POST /files` (raw upload): writes `data` to `path` in the guest as `user`.
+    pub async fn upload(&self, path: &str, user: &str, data: Bytes) -> Result<(), ClientError> {
+        let query = format!(
+            "/files?path={}&username={}",
+            query_escape(path),
+            query_escape(user)
+        );
+        let (status, _, resp) = self
+            .fetch(
+                Method::POST,
+                &query,
+                &[("content-type", "application/octet-stream")],
+                full(data),
+            )
+            .await?;
+        success(status, &resp)
+    }
+
     /// A unary Connect call with the JSON codec; returns the status and the JSON body.
     pub async fn unary(
         &self,
@@ -379,6 +397,19 @@ impl Client {
 }
 
 /// Ok for a 2xx; otherwise the status and body as an error.
+/// Percent-encodes a query value; only unreserved characters and `/` stay as they are.
+fn query_escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn success(status: StatusCode, body: &[u8]) -> Result<(), ClientError> {
     if status.is_success() {
         Ok(())

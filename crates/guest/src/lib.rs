@@ -17,7 +17,7 @@ pub use initramfs::{InitramfsSpec, write_initramfs};
 pub use kernel::{KernelAssets, VIRTIO_MODULES, fetch_kernel};
 pub use rootfs::{
     ImageOptions, ROOTFS_RULES_VERSION, RootfsInfo, RootfsSource, UserSpec, base_template,
-    build_rootfs, dir_to_ext4,
+    build_rootfs, code_interpreter_template, dir_to_ext4,
 };
 
 /// A progress report from long work.

@@ -72,6 +72,28 @@ pub fn base_template() -> RootfsSource {
     }
 }
 
+/// The code interpreter's image (`code-interpreter-v1`, the template E2B's code interpreter
+/// SDK asks for): `base` plus ipykernel and the data stack E2B's image preinstalls, all from
+/// Debian so that the build needs no PyPI and every version is bookworm's. R, Deno and
+/// bash_kernel are not in it yet (the last two exist only on npm and PyPI).
+pub fn code_interpreter_template() -> RootfsSource {
+    let mut source = base_template();
+    if let RootfsSource::Debian { packages, .. } = &mut source {
+        packages.extend(
+            [
+                "python3-ipykernel",
+                "python3-numpy",
+                "python3-pandas",
+                "python3-matplotlib",
+                "python3-scipy",
+                "python3-requests",
+            ]
+            .map(String::from),
+        );
+    }
+    source
+}
+
 /// How the image is sized and labelled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageOptions {

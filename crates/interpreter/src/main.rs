@@ -38,6 +38,9 @@ struct Args {
     /// HOME for the kernels; default: the service's.
     #[arg(long)]
     home: Option<PathBuf>,
+    /// USER and LOGNAME for the kernels (the name of --uid); default: the service's.
+    #[arg(long)]
+    user: Option<String>,
     /// Replace a language's kernel command: `LANG=ARGV`, ARGV split on whitespace, with
     /// `{connection_file}` standing for the connection file. Repeatable.
     #[arg(long = "kernel", value_name = "LANG=ARGV")]
@@ -85,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
             runtime_dir: args.runtime_dir,
             run_as: args.uid.zip(args.gid),
             home: args.home,
+            user: args.user,
         },
     };
     let listener = TcpListener::bind(args.listen)

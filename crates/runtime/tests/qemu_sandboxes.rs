@@ -78,6 +78,7 @@ fn template() -> &'static TemplateSnapshot {
                     dir: run_root().join("template"),
                     source: base_template(),
                     commands: vec!["echo prepared > /etc/firkin-prepared".into()],
+                    interpreter: false,
                     budget: budget(),
                     accel: detect_accel(),
                     slots: None,

@@ -32,6 +32,7 @@ pub mod orchestrator;
 pub mod process;
 pub mod proxy;
 pub mod qemu;
+pub mod recipes;
 pub mod server;
 pub mod store;
 pub mod templates;
@@ -44,7 +45,7 @@ pub use firkin_runtime::pids as procfs;
 pub use app::{CLIENT_ID, DEFAULT_TEMPLATE_BUDGET, ENVD_VERSION, ServerConfig};
 pub use capacity::{CapacityPolicy, HostResources};
 pub use error::ApiError;
-pub use server::{ApiKeySetup, EnsureTemplate, RecoveryReport, Server, ServerError};
+pub use server::{ApiKeySetup, EnsureTemplate, RecoveryReport, Server, ServerError, Templates};
 pub use store::{Store, StoreError};
 pub use templates::{
     BuildProgress, TemplateBuildError, TemplateBuildRequest, TemplateBuilder, TemplateManifest,

@@ -55,6 +55,7 @@ impl TemplateBuilder for QemuTemplateBuilder {
             dir: request.dir.clone(),
             source: request.source.clone().unwrap_or_else(base_template),
             commands: request.commands.clone(),
+            interpreter: request.interpreter,
             budget: request.budget,
             accel: self.accel.clone(),
             slots: self.slots.clone(),
@@ -104,5 +105,15 @@ impl TemplateBuilder for QemuTemplateBuilder {
 
     fn default_source(&self) -> Option<firkin_runtime::qemu::RootfsSource> {
         Some(base_template())
+    }
+
+    fn interpreter_fingerprint(&self) -> Option<String> {
+        match self.assets.interpreter_fingerprint(&self.cache) {
+            Ok(f) => f,
+            Err(err) => {
+                tracing::warn!(%err, "cannot hash firkin-interpreter; its templates are adopted unchecked for it");
+                None
+            }
+        }
     }
 }

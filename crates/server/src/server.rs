@@ -12,7 +12,6 @@ use axum::Router;
 use axum::extract::Request;
 use axum::serve::ListenerExt;
 use firkin_runtime::{RuntimeLauncher, SandboxRuntime};
-use firkin_types::TemplateId;
 use nix::fcntl::{Flock, FlockArg};
 use tokio::net::TcpListener;
 
@@ -22,7 +21,7 @@ use crate::lifecycle::expiry::spawn_background;
 use crate::lifecycle::recovery::recover;
 use crate::orchestrator::Orchestrator;
 use crate::store::{Store, StoreError, TemplateRecord};
-use crate::templates::{BuildProgress, TemplateBuilder, build_fingerprint, read_template_manifest};
+use crate::templates::{BuildProgress, TemplateBuilder};
 use crate::types::BuildTemplateRequest;
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +80,25 @@ pub enum EnsureTemplate {
         build_id: String,
         progress: BuildProgress,
     },
+}
+
+/// Ensures templates of a server (see [`Server::templates`]).
+#[derive(Clone, Debug)]
+pub struct Templates {
+    app: Arc<App>,
+}
+
+impl Templates {
+    /// See [`Server::ensure_template`].
+    pub fn ensure(&self, spec: BuildTemplateRequest) -> Result<EnsureTemplate, ServerError> {
+        let template = spec.template_id.clone();
+        self.app
+            .ensure_template(spec)
+            .map_err(|e| ServerError::Template {
+                template,
+                message: e.message,
+            })
+    }
 }
 
 /// An opened firkin server: it owns the state directory until it is dropped.
@@ -221,46 +239,14 @@ impl Server {
         &self,
         spec: BuildTemplateRequest,
     ) -> Result<EnsureTemplate, ServerError> {
-        let terr = |message: String| ServerError::Template {
-            template: spec.template_id.clone(),
-            message,
-        };
-        let id = TemplateId::new(&spec.template_id).map_err(|e| terr(e.to_string()))?;
-        let budget = crate::lifecycle::templates::budget_of(&spec).map_err(|e| terr(e.message))?;
-        let fingerprint = build_fingerprint(
-            self.app.builder.as_ref(),
-            spec.from.as_ref(),
-            &spec.commands,
-            budget,
-        );
-        if let Some(t) = self.app.store.template(id.as_str())? {
-            // Kept as is (sandboxes, paused ones too, may depend on its files), but a template
-            // from other guest binaries is worth a word: an upgraded agent is not in it.
-            let built = t
-                .descriptor
-                .parent()
-                .and_then(read_template_manifest)
-                .and_then(|m| m.fingerprint);
-            if fingerprint.is_some() && built != fingerprint {
-                tracing::warn!(
-                    template = %id,
-                    "template was built from other guest binaries or another recipe; rebuild it \
-                     with `firkin template build {id} --force` to pick them up"
-                );
-            }
-            return Ok(EnsureTemplate::Ready);
+        self.templates().ensure(spec)
+    }
+
+    /// A handle that keeps ensuring templates after [`Self::serve`] took the server.
+    pub fn templates(&self) -> Templates {
+        Templates {
+            app: Arc::clone(&self.app),
         }
-        if let Some((build_id, progress)) = self.app.building(id.as_str()) {
-            return Ok(EnsureTemplate::Building { build_id, progress });
-        }
-        if let Some(build_id) = self.app.adopt_cached_build(&id, fingerprint.as_deref())? {
-            return Ok(EnsureTemplate::Adopted { build_id });
-        }
-        let (build_id, progress) = self
-            .app
-            .start_build(spec.clone())
-            .map_err(|e| terr(e.message))?;
-        Ok(EnsureTemplate::Building { build_id, progress })
     }
 
     /// Verifies the current build of `template` (descriptor and every component) into the

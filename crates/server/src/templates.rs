@@ -27,6 +27,8 @@ pub struct TemplateBuildRequest {
     pub commands: Vec<String>,
     /// Root filesystem source; `None` means the default `base` image.
     pub source: Option<firkin_runtime::qemu::RootfsSource>,
+    /// Upload the code interpreter's binary before `commands` run.
+    pub interpreter: bool,
 }
 
 /// A builder failed. The message is shown to the user as the build's `reason`.
@@ -80,6 +82,13 @@ pub trait TemplateBuilder: Send + Sync + 'static {
     fn default_source(&self) -> Option<firkin_runtime::qemu::RootfsSource> {
         None
     }
+
+    /// Identifies the code interpreter binary a build with `interpreter` uploads. Apart from
+    /// [`Self::guest_fingerprint`] so that a new interpreter rebuilds only the templates that
+    /// hold it.
+    fn interpreter_fingerprint(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Identifies a build's inputs: the builder's guest binaries and the recipe (root filesystem
@@ -90,11 +99,12 @@ pub fn build_fingerprint(
     source: Option<&firkin_runtime::qemu::RootfsSource>,
     commands: &[String],
     budget: ResourceBudget,
+    interpreter: bool,
 ) -> Option<String> {
     use sha2::{Digest, Sha256};
     let guest = builder.guest_fingerprint()?;
     let source = source.cloned().or_else(|| builder.default_source());
-    let recipe = serde_json::json!({
+    let mut recipe = serde_json::json!({
         "guest": guest,
         "rootfsRules": firkin_runtime::qemu::ROOTFS_RULES_VERSION,
         "source": source,
@@ -103,6 +113,11 @@ pub fn build_fingerprint(
         "memoryMiB": budget.memory.as_mib(),
         "diskMiB": budget.disk.as_mib(),
     });
+    // Only when asked for: a key added to every recipe would change every template's
+    // fingerprint, and each would be rebuilt once for nothing.
+    if interpreter {
+        recipe["interpreter"] = serde_json::json!(builder.interpreter_fingerprint());
+    }
     Some(hex::encode(Sha256::digest(recipe.to_string().as_bytes())))
 }
 

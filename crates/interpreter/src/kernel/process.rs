@@ -32,6 +32,9 @@ pub struct KernelOptions {
     pub run_as: Option<(u32, u32)>,
     /// `HOME` for kernels; `None` keeps the service's.
     pub home: Option<PathBuf>,
+    /// `USER` and `LOGNAME` for kernels; `None` keeps the service's. With `run_as`, the
+    /// service's would name root to a kernel that is not (`getpass.getuser()` reads them first).
+    pub user: Option<String>,
 }
 
 /// A running kernel process. Dropping it kills the kernel's whole process group, so that
@@ -116,6 +119,9 @@ pub async fn spawn(
     cmd.env("JPY_PARENT_PID", std::process::id().to_string());
     if let Some(home) = &opts.home {
         cmd.env("HOME", home);
+    }
+    if let Some(user) = &opts.user {
+        cmd.env("USER", user).env("LOGNAME", user);
     }
     if let Some((uid, gid)) = opts.run_as {
         cmd.uid(uid).gid(gid);

@@ -7,7 +7,8 @@ use firkin_vmm::Accel;
 use crate::paths::FirkinPaths;
 
 /// What a cold boot needs from the cache directory: the guest kernel with its virtio modules
-/// and the two static guest binaries that go into the initramfs.
+/// and the two static guest binaries that go into the initramfs, plus the binaries only some
+/// recipes install into their root filesystem.
 #[derive(Clone, Debug)]
 pub struct GuestAssets {
     pub kernel: KernelAssets,
@@ -15,6 +16,10 @@ pub struct GuestAssets {
     pub init: PathBuf,
     /// The static `firkin-envd` (the guest agent).
     pub envd: PathBuf,
+    /// The static `firkin-interpreter` (the code interpreter, port 49999), if the set-up built
+    /// it. Optional: only recipes that install it need it, and `base` must keep working on a
+    /// cache that predates it.
+    pub interpreter: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +34,17 @@ pub enum GuestAssetsError {
          firkin-envd with +crt-static and copies them there), or set FIRKIN_GUEST_BIN_DIR"
     )]
     Binary { path: PathBuf },
+}
+
+/// A recipe asked for a guest binary the cache does not have.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "static guest binary {name} is missing from the guest binary directory. Run \
+     scripts/setup-guest.sh (it builds {name} with +crt-static and copies it there), or set \
+     FIRKIN_GUEST_BIN_DIR"
+)]
+pub struct MissingGuestBinary {
+    pub name: &'static str,
 }
 
 impl GuestAssets {
@@ -58,7 +74,26 @@ impl GuestAssets {
             kernel,
             init: bin("firkin-init")?,
             envd: bin("firkin-envd")?,
+            interpreter: bin("firkin-interpreter").ok(),
         })
+    }
+
+    /// The code interpreter's binary, or why a recipe that installs it cannot be built.
+    pub fn interpreter(&self) -> Result<&Path, MissingGuestBinary> {
+        self.interpreter.as_deref().ok_or(MissingGuestBinary {
+            name: "firkin-interpreter",
+        })
+    }
+
+    /// Identifies the code interpreter binary (size and SHA-256). Kept apart from
+    /// [`Self::fingerprint`] so that only templates that install it are rebuilt when it
+    /// changes. `Ok(None)`: the binary is not there.
+    pub fn interpreter_fingerprint(&self, cache: &DigestCache) -> std::io::Result<Option<String>> {
+        let Some(path) = &self.interpreter else {
+            return Ok(None);
+        };
+        let (d, _) = cache.digest(path)?;
+        Ok(Some(format!("{} {}", d.size_bytes, d.sha256_hex)))
     }
 
     /// SHA-256 over the digests of everything a build copies into the guest (kernel, modules,
@@ -102,6 +137,7 @@ mod tests {
             },
             init: file("firkin-init", "init"),
             envd: file("firkin-envd", "envd"),
+            interpreter: Some(file("firkin-interpreter", "interpreter")),
         }
     }
 
@@ -132,5 +168,42 @@ mod tests {
             a.fingerprint(&DigestCache::in_memory(), Accel::Tcg)
                 .unwrap()
         );
+    }
+
+    /// The interpreter is fingerprinted on its own: a new one must not change what every
+    /// template (`base` too) is compared by, only what the recipes that install it are.
+    #[test]
+    fn the_interpreter_is_not_in_the_common_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = assets(dir.path());
+        let common = a
+            .fingerprint(&DigestCache::in_memory(), Accel::Tcg)
+            .unwrap();
+        let own = a
+            .interpreter_fingerprint(&DigestCache::in_memory())
+            .unwrap()
+            .unwrap();
+        std::fs::write(a.interpreter.as_ref().unwrap(), "another interpreter").unwrap();
+        assert_eq!(
+            common,
+            a.fingerprint(&DigestCache::in_memory(), Accel::Tcg)
+                .unwrap()
+        );
+        assert_ne!(
+            Some(own),
+            a.interpreter_fingerprint(&DigestCache::in_memory())
+                .unwrap()
+        );
+        let without = GuestAssets {
+            interpreter: None,
+            ..a
+        };
+        assert!(
+            without
+                .interpreter_fingerprint(&DigestCache::in_memory())
+                .unwrap()
+                .is_none()
+        );
+        assert!(without.interpreter().is_err());
     }
 }

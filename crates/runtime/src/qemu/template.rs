@@ -29,6 +29,9 @@ pub struct TemplateBuild {
     pub source: RootfsSource,
     /// Shell commands run as root in the booted template, in order, before the snapshot.
     pub commands: Vec<String>,
+    /// Upload the static `firkin-interpreter` to [`INTERPRETER_UPLOAD`] in the booted template
+    /// before the commands run (they install and start it).
+    pub interpreter: bool,
     /// vCPUs, guest RAM and disk size of every sandbox of this template.
     pub budget: ResourceBudget,
     pub accel: AccelDecision,
@@ -63,6 +66,10 @@ pub enum TemplateBuildError {
         command: String,
         reason: String,
     },
+    #[error(transparent)]
+    MissingBinary(#[from] super::assets::MissingGuestBinary),
+    #[error("uploading {what} into the template failed: {reason}")]
+    Upload { what: String, reason: String },
     #[error("marking the template's processes failed: {0}")]
     Mark(String),
     #[error("preparing the template's network slot failed: {0}")]
@@ -87,6 +94,10 @@ impl From<firkin_vmm::VmmError> for TemplateBuildError {
 }
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Where a build that asks for the code interpreter finds its binary in the guest (uploaded
+/// through envd, mode 0644: the recipe's commands install it where and how they want).
+pub const INTERPRETER_UPLOAD: &str = "/var/tmp/firkin-interpreter.new";
 
 /// Builds, boots, prepares, snapshots and seals a template. On failure nothing sealed is left
 /// in `build.dir` (a partial directory is removed), so a failed build can never be restored.
@@ -124,6 +135,13 @@ async fn build_inner(
         move |source| TemplateBuildError::Io { path, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // Before minutes of root filesystem work, not after.
+    let interpreter = if build.interpreter {
+        let path = assets.interpreter()?;
+        Some(tokio::fs::read(path).await.map_err(io(path))?)
+    } else {
+        None
+    };
     check_disk_floor(&mut HostDiskProbe, dir, DEFAULT_RESTORE_DISK_FLOOR)
         .map_err(|e| TemplateBuildError::Disk(e.to_string()))?;
 
@@ -217,6 +235,15 @@ async fn build_inner(
     // The template's agent answers only to this VM's secret, so only this builder can drive it.
     if let Some(secret) = vm.guest_secret() {
         client = client.with_token(secret.to_owned());
+    }
+    if let Some(bytes) = interpreter {
+        client
+            .upload(INTERPRETER_UPLOAD, "root", bytes.into())
+            .await
+            .map_err(|e| TemplateBuildError::Upload {
+                what: "firkin-interpreter".into(),
+                reason: e.to_string(),
+            })?;
     }
     let total = build.commands.len().max(1) as f32;
     for (index, command) in build.commands.iter().enumerate() {

@@ -15,6 +15,7 @@ use crate::app::{App, CreateFuture, now_ms, secs_ms, store_err};
 use crate::auth::{generate_token, random_alnum};
 use crate::error::ApiError;
 use crate::procfs;
+use crate::server::EnsureTemplate;
 use crate::store::{RecordState, SandboxRecord, TemplateRecord};
 
 impl App {
@@ -161,14 +162,30 @@ impl App {
         })
     }
 
-    /// The template a create names, waiting for a build of it that is in progress.
-    async fn resolve_template(&self, raw: &str) -> Result<TemplateRecord, ApiError> {
+    /// The template a create names, waiting for a build of it that is in progress. A built-in
+    /// recipe's name (`code-interpreter-v1`) that was never built is built now: its first
+    /// create waits for it like any other build (`template_wait`, then 503 with Retry-After).
+    async fn resolve_template(self: &Arc<Self>, raw: &str) -> Result<TemplateRecord, ApiError> {
         let id = TemplateId::new(raw)
             .map_err(|e| ApiError::bad_request(format!("invalid templateID: {e}")))?;
         if let Some(t) = self.store.template(id.as_str()).map_err(store_err)? {
             return Ok(t);
         }
-        let live = self.live_build(id.as_str());
+        let mut live = self.live_build(id.as_str());
+        if live.is_none()
+            && let Some(recipe) = crate::recipes::builtin(id.as_str())
+        {
+            match self.ensure_template(recipe) {
+                Ok(EnsureTemplate::Building { build_id, progress }) => {
+                    tracing::info!(template = %id, build = %build_id, "building a built-in template for its first create");
+                    live = Some(progress);
+                }
+                // Built or adopted meanwhile: the store has it now.
+                Ok(EnsureTemplate::Ready | EnsureTemplate::Adopted { .. }) => {}
+                // Another create started the build between the look-up and the start.
+                Err(e) => live = Some(self.live_build(id.as_str()).ok_or(e)?),
+            }
+        }
         if let Some(progress) = live {
             tracing::info!(template = %id, "create waits for the template build");
             match tokio::time::timeout(self.config.template_wait, progress.wait()).await {
@@ -186,9 +203,9 @@ impl App {
                     .retry_after(Duration::from_secs(10)));
                 }
             }
-            if let Some(t) = self.store.template(id.as_str()).map_err(store_err)? {
-                return Ok(t);
-            }
+        }
+        if let Some(t) = self.store.template(id.as_str()).map_err(store_err)? {
+            return Ok(t);
         }
         Err(ApiError::not_found(format!(
             "template {id:?} not found; build it with `firkin template build {id}`"

@@ -14,10 +14,11 @@ use crate::app::{
 };
 use crate::auth::random_alnum;
 use crate::error::ApiError;
+use crate::server::EnsureTemplate;
 use crate::store::{BuildRecord, BuildStatus, StoreError, TemplateRecord};
 use crate::templates::{
     BuildProgress, TemplateBuildRequest, build_fingerprint, find_cached_build,
-    write_template_manifest,
+    read_template_manifest, write_template_manifest,
 };
 use crate::types::{BuildStatusResponse, BuildTemplateRequest};
 
@@ -110,6 +111,52 @@ impl App {
         Ok(Some(manifest.build_id))
     }
 
+    /// Makes `spec.template_id` available: already built, adopted from a finished build in the
+    /// shared cache, or built now (in the background; follow `progress`).
+    pub(crate) fn ensure_template(
+        self: &Arc<Self>,
+        spec: BuildTemplateRequest,
+    ) -> Result<EnsureTemplate, ApiError> {
+        let id = TemplateId::new(&spec.template_id)
+            .map_err(|e| ApiError::bad_request(format!("invalid templateID: {e}")))?;
+        let budget = budget_of(&spec)?;
+        let fingerprint = build_fingerprint(
+            self.builder.as_ref(),
+            spec.from.as_ref(),
+            &spec.commands,
+            budget,
+            spec.interpreter,
+        );
+        if let Some(t) = self.store.template(id.as_str()).map_err(store_err)? {
+            // Kept as is (sandboxes, paused ones too, may depend on its files), but a template
+            // from other guest binaries is worth a word: an upgraded agent is not in it.
+            let built = t
+                .descriptor
+                .parent()
+                .and_then(read_template_manifest)
+                .and_then(|m| m.fingerprint);
+            if fingerprint.is_some() && built != fingerprint {
+                tracing::warn!(
+                    template = %id,
+                    "template was built from other guest binaries or another recipe; rebuild it \
+                     with `firkin template build {id} --force` to pick them up"
+                );
+            }
+            return Ok(EnsureTemplate::Ready);
+        }
+        if let Some((build_id, progress)) = self.building(id.as_str()) {
+            return Ok(EnsureTemplate::Building { build_id, progress });
+        }
+        if let Some(build_id) = self
+            .adopt_cached_build(&id, fingerprint.as_deref())
+            .map_err(store_err)?
+        {
+            return Ok(EnsureTemplate::Adopted { build_id });
+        }
+        let (build_id, progress) = self.start_build(spec)?;
+        Ok(EnsureTemplate::Building { build_id, progress })
+    }
+
     /// Starts a template build in the background.
     pub fn start_build(
         self: &Arc<Self>,
@@ -182,6 +229,7 @@ impl App {
             budget,
             source: spec.from.clone(),
             commands: spec.commands,
+            interpreter: spec.interpreter,
         };
         let app = Arc::clone(self);
         let p = progress.clone();
@@ -240,6 +288,7 @@ impl App {
                     req.source.as_ref(),
                     &req.commands,
                     req.budget,
+                    req.interpreter,
                 );
                 write_template_manifest(&req.dir, &snap, ENVD_VERSION, now, fingerprint)
                     .map_err(|e| e.to_string())?;

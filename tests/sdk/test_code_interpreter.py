@@ -1,0 +1,74 @@
+"""The official e2b-code-interpreter SDK against a live `firkin serve` and the built-in template
+`code-interpreter-v1` (the one the SDK's `Sandbox.create()` asks for).
+
+The server is started with `--template code-interpreter-v1`, so it adopts the template from the
+shared cache or builds it (once per cache: ~10 minutes under TCG) before it reports ready.
+tests/sdk/run-serve.sh runs this file after test_serve.py.
+"""
+
+import os
+import secrets
+import shutil
+import tempfile
+import time
+
+import pytest
+from e2b_code_interpreter import Sandbox
+
+# Imported, not copied: one `Serve`, whose counter keeps this server's network slots apart
+# from test_serve.py's session server when both files run in one pytest process.
+from test_serve import BACKEND, Serve, wait_for_sandbox_processes
+
+TEMPLATE = "code-interpreter-v1"
+
+pytestmark = pytest.mark.skipif(
+    BACKEND != "qemu", reason="the interpreter and its kernels live in the template's guest"
+)
+
+
+@pytest.fixture(scope="module")
+def ci_server(request):
+    d = tempfile.mkdtemp(prefix="firkin-ci-")
+    s = Serve(os.path.join(d, "state"), "e2b_" + secrets.token_hex(20), extra_args=["--template", TEMPLATE])
+    yield s
+    s.stop()
+    wait_for_sandbox_processes(s.state_dir, 0, timeout=20)
+    # Kept when something failed: the server's log is in it.
+    if request.session.testsfailed:
+        print(f"\nfirkin serve (code interpreter) log and state: {d}")
+    else:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_run_code_keeps_state_streams_stdout_and_names_errors(ci_server):
+    began = time.monotonic()
+    sbx = Sandbox.create(timeout=300, **ci_server.opts())
+    try:
+        created = time.monotonic()
+        first = sbx.run_code("x = 21")
+        ran = time.monotonic()
+        print(f"\ncreate {created - began:.2f} s, first run_code {ran - created:.2f} s")
+        assert first.error is None, first.error
+        assert sbx.run_code("x * 2").text == "42"
+
+        lines = []
+        r = sbx.run_code("print('hello')\nprint('world')", on_stdout=lambda m: lines.append(m.line))
+        assert r.error is None, r.error
+        assert "".join(lines) == "hello\nworld\n"
+        assert "".join(r.logs.stdout) == "hello\nworld\n"
+
+        r = sbx.run_code("1/0")
+        assert r.error is not None
+        assert r.error.name == "ZeroDivisionError"
+        # The template's IPython config turns colours off: an agent reads the traceback as text.
+        assert "\x1b[" not in r.error.traceback, r.error.traceback
+
+        # The data stack was imported in the template's kernel; it is there, warm.
+        r = sbx.run_code("import numpy, pandas\nint(pandas.DataFrame({'a': numpy.arange(4)}).a.sum())")
+        assert r.error is None, r.error
+        assert r.text == "6"
+        # And the kernel runs as `user` in its home, as in E2B's image.
+        r = sbx.run_code("import os, getpass\nprint(getpass.getuser(), os.getcwd())")
+        assert "".join(r.logs.stdout) == "user /home/user\n"
+    finally:
+        sbx.kill()
