@@ -69,8 +69,9 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     only: Option<Part>,
     /// `--net-range` of the servers the bench starts (with `--net-prefix fkb`): apart from
-    /// any other server's on this host (`firkin serve` defaults to 198.18.0.0/16).
-    #[arg(long, default_value = "198.19.0.0/22")]
+    /// any other server's on this host (`firkin serve` defaults to 198.18.0.0/16; the SDK
+    /// suites' servers use 198.19.0.0-198.19.254.255 in /24s below .244 and at .254).
+    #[arg(long, default_value = "198.19.244.0/22")]
     net_range: String,
     /// Output directory for results.json and charts.
     #[arg(long, default_value = "bench-results")]
