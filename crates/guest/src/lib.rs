@@ -11,6 +11,7 @@ pub mod kernel;
 pub mod oci;
 pub mod rootfs;
 mod tool;
+pub mod unmount;
 
 pub use error::{GuestError, Result};
 pub use initramfs::{InitramfsSpec, write_initramfs};
@@ -19,6 +20,7 @@ pub use rootfs::{
     ImageOptions, ROOTFS_RULES_VERSION, RootfsInfo, RootfsSource, UserSpec, base_template,
     build_rootfs, code_interpreter_template, dir_to_ext4,
 };
+pub use unmount::remove_tree;
 
 /// A progress report from long work.
 #[derive(Debug, Clone, PartialEq, Eq)]

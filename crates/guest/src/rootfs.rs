@@ -134,11 +134,13 @@ pub fn build_rootfs(
     opts: &ImageOptions,
     progress: ProgressFn<'_>,
 ) -> Result<RootfsInfo> {
-    let _ = std::fs::remove_dir_all(scratch);
+    crate::remove_tree(scratch).map_err(GuestError::io("removing", scratch))?;
     std::fs::create_dir_all(scratch).map_err(GuestError::io("creating", scratch))?;
     let result = source_tree(source, scratch, progress)
         .and_then(|tree| dir_to_ext4(&tree, out, opts, progress));
-    let _ = std::fs::remove_dir_all(scratch);
+    if let Err(err) = crate::remove_tree(scratch) {
+        tracing::warn!(scratch = %scratch.display(), %err, "cannot remove a build's scratch tree");
+    }
     result
 }
 

@@ -280,11 +280,11 @@ pub(crate) fn delete_sandbox(
     Ok(())
 }
 
+/// Removes `dir` and what is in it, detaching mounts inside it first: an interrupted
+/// template build leaves its tree's `/proc`, `/sys` and `/dev` mounts behind.
 pub(crate) fn remove_dir(dir: &Path) {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(err) => tracing::warn!(dir = %dir.display(), %err, "cannot remove directory"),
+    if let Err(err) = firkin_guest::remove_tree(dir) {
+        tracing::warn!(dir = %dir.display(), %err, "cannot remove directory");
     }
 }
 

@@ -140,6 +140,20 @@ async fn leftovers_of_interrupted_work_are_cleaned_up() {
         std::fs::write(junk.join("ram.bin"), b"half").unwrap();
         let build_dir = cache.path().join("templates/other/b9");
         std::fs::create_dir_all(&build_dir).unwrap();
+        // As root, the way a killed mmdebstrap leaves its tree: a file system still mounted
+        // inside it, which the clean-up must detach rather than empty or trip over.
+        let shm = build_dir.join("scratch/tree/dev/shm");
+        let mounted = nix::unistd::geteuid().is_root() && {
+            std::fs::create_dir_all(&shm).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "tmpfs"])
+                .arg(&shm)
+                .status()
+                .unwrap()
+                .success();
+            std::fs::write(shm.join("held"), b"x").unwrap();
+            ok
+        };
         db.insert_build(&BuildRecord {
             build_id: "b9".into(),
             template_id: "other".into(),
@@ -162,6 +176,10 @@ async fn leftovers_of_interrupted_work_are_cleaned_up() {
         assert_eq!(r.interrupted_builds, 1);
         assert!(!junk.exists());
         assert!(!build_dir.exists());
+        if mounted {
+            let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            assert!(!table.contains(shm.to_str().unwrap()), "mount left behind");
+        }
         let b = server.store().build("b9").unwrap().unwrap();
         assert_eq!(b.status, BuildStatus::Error);
         assert!(b.reason.unwrap().contains("interrupted"));

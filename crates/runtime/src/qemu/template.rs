@@ -109,7 +109,7 @@ pub async fn build_template(
 ) -> Result<(TemplateSnapshot, Vec<BenchmarkSample>), TemplateBuildError> {
     let result = build_inner(assets, build, cache, &events).await;
     if result.is_err() {
-        let _ = std::fs::remove_dir_all(&build.dir);
+        let _ = firkin_guest::remove_tree(&build.dir);
     }
     result
 }
@@ -300,7 +300,7 @@ async fn build_inner(
         lease.release().await;
     }
     let snap = snap?;
-    let _ = std::fs::remove_dir_all(dir.join("scratch"));
+    let _ = firkin_guest::remove_tree(&dir.join("scratch"));
 
     // 6. Seal. Waiting out the digest cache's racy window first means the hashes computed here
     // are cached, so the first create does not hash the RAM image and disk again.
