@@ -11,6 +11,8 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO"
 . tests/sdk/venv.sh
+# Node and E2B's JS SDK, for test_code_interpreter.py's JavaScript SDK test (sets NODE).
+. tests/sdk/node.sh
 
 # The suite runs commands as `user`; a VM template has it, a bare host may not.
 if [ "${FIRKIN_TEST_BACKEND:-qemu}" = process ] && [ "$(id -u)" = 0 ] && ! id user >/dev/null 2>&1; then

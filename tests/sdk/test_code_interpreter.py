@@ -9,6 +9,7 @@ tests/sdk/run-serve.sh runs this file after test_serve.py.
 import os
 import secrets
 import shutil
+import subprocess
 import tempfile
 import time
 
@@ -72,3 +73,17 @@ def test_run_code_keeps_state_streams_stdout_and_names_errors(ci_server):
         assert "".join(r.logs.stdout) == "user /home/user\n"
     finally:
         sbx.kill()
+
+
+def test_js_sdk_runs_python_and_javascript(ci_server):
+    """E2B's JS SDK (@e2b/code-interpreter, pinned in tests/sdk/js) unchanged, through the
+    environment variables a user sets: the Python and the JavaScript examples."""
+    node = os.environ.get("NODE")
+    if not node:
+        pytest.fail("NODE is not set: run through tests/sdk/run-serve.sh, which sources tests/sdk/node.sh")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js", "code_interpreter.mjs")
+    env = dict(os.environ, E2B_API_URL=ci_server.url, E2B_SANDBOX_URL=ci_server.url, E2B_API_KEY=ci_server.key)
+    out = subprocess.run([node, script, "python", "js"], env=env, capture_output=True, text=True, timeout=600)
+    print(out.stdout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "python: ok" in out.stdout and "js: ok" in out.stdout
