@@ -206,13 +206,19 @@ impl SlotPool {
             }
         }
         let index = slot.config().index;
-        let done = slot.destroy().await;
-        {
+        let mut done = slot.destroy().await;
+        let last_after_shutdown = {
             let mut st = self.inner.lock();
             st.live = st.live.saturating_sub(1);
             st.free.push_back(index);
-        }
+            st.closed && st.live == 0
+        };
         self.inner.wake.notify_one();
+        // `shutdown` leaves the host table to the last slot out when sessions still held
+        // some; without this a stopped server's table stayed until the next start swept it.
+        if last_after_shutdown && let Err(e) = self.host.remove() {
+            done = done.and(Err(e));
+        }
         done
     }
 

@@ -321,7 +321,14 @@ async fn the_pool_keeps_slots_ready_and_leaves_nothing() {
         "release did not free room"
     );
     pool.release(second).await.unwrap();
+    // A slot still out at shutdown keeps the host table; its release, the last, removes it.
+    let held = pool.take().expect("a ready slot to hold across shutdown");
     pool.shutdown().await.unwrap();
+    assert!(
+        nft_table_exists("firkin-test-pool"),
+        "removed under a live slot"
+    );
+    pool.release(held).await.unwrap();
     assert_eq!(root_links_named("fkyh").await, Vec::<String>::new());
     for i in 0..4 {
         assert!(!netns::exists(&format!("fky-{i}")));
