@@ -457,6 +457,10 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
 
     let only_network = args.only == Some(Part::Network);
     let only_interpreter = args.only == Some(Part::Interpreter);
+    if only_interpreter {
+        // The header names the template the run measured.
+        res.template = firkin_server::recipes::CODE_INTERPRETER_TEMPLATE.to_owned();
+    }
     if args.only.is_none() {
         main_suite(&args, &paths, &mut res).await?;
     }
