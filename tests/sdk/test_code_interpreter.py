@@ -6,6 +6,7 @@ shared cache or builds it (once per cache: ~10 minutes under TCG) before it repo
 tests/sdk/run-serve.sh runs this file after test_serve.py.
 """
 
+import ast
 import os
 import secrets
 import shutil
@@ -87,3 +88,33 @@ def test_js_sdk_runs_python_and_javascript(ci_server):
     print(out.stdout)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "python: ok" in out.stdout and "js: ok" in out.stdout
+
+
+def test_clones_draw_their_own_random_numbers_and_see_their_own_env(ci_server):
+    """Every sandbox is a restore of one snapshot whose kernel had already seeded Python's
+    `random` and numpy's global RNG: without a reseed at its first run, two sandboxes would
+    draw the same numbers."""
+    code = (
+        "import os, random, socket, time, numpy\n"
+        "(random.random(), float(numpy.random.random()), os.environ.get('FIRKIN_CLONE'), "
+        "socket.gethostname(), time.time())"
+    )
+    sandboxes = []
+    try:
+        for name in ("a", "b"):
+            sandboxes.append(Sandbox.create(timeout=300, envs={"FIRKIN_CLONE": name}, **ci_server.opts()))
+        drawn = []
+        for sbx, name in zip(sandboxes, ("a", "b")):
+            r = sbx.run_code(code)
+            assert r.error is None, r.error
+            py, np_, env, host, clock = ast.literal_eval(r.text)
+            assert env == name
+            assert host == sbx.sandbox_id
+            assert abs(clock - time.time()) < 60, "the guest clock is the snapshot's"
+            drawn.append((py, np_))
+        (py_a, np_a), (py_b, np_b) = drawn
+        assert py_a != py_b, "random.random() is the same in two sandboxes"
+        assert np_a != np_b, "numpy.random.random() is the same in two sandboxes"
+    finally:
+        for sbx in sandboxes:
+            sbx.kill()

@@ -166,10 +166,16 @@ impl Api {
     }
 
     fn envd_headers(t: &EnvdTarget, content_type: &str) -> Vec<(&'static str, String)> {
+        Self::port_headers(t, ENVD_PORT, content_type)
+    }
+
+    /// Headers for a request to `port` of the target's sandbox (envd's token included, as the
+    /// SDKs send it to the code interpreter too).
+    fn port_headers(t: &EnvdTarget, port: u16, content_type: &str) -> Vec<(&'static str, String)> {
         let mut h = vec![("Content-Type", content_type.to_owned())];
         if let Some(id) = &t.sandbox_id {
             h.push(("E2b-Sandbox-Id", id.clone()));
-            h.push(("E2b-Sandbox-Port", "49983".into()));
+            h.push(("E2b-Sandbox-Port", port.to_string()));
         }
         if let Some(tok) = &t.access_token {
             h.push(("X-Access-Token", tok.clone()));
@@ -205,6 +211,30 @@ impl Api {
             reason,
         })?;
         Ok((exit, reply.elapsed))
+    }
+
+    /// What `e2b_code_interpreter`'s `sandbox.run_code(code)` does: `POST /execute` on the
+    /// code interpreter's port, reading the NDJSON stream to its end. Returns the main
+    /// result's text (if any) and the elapsed time; an error in the code is an error here.
+    pub async fn run_code(
+        &self,
+        t: &EnvdTarget,
+        code: &str,
+    ) -> Result<(Option<String>, Duration), ClientError> {
+        let url = format!("{}/execute", t.base_url);
+        let body = serde_json::json!({
+            "code": code, "context_id": null, "language": null, "env_vars": null,
+        });
+        let headers = Self::port_headers(t, INTERPRETER_PORT, "application/json");
+        let reply = self
+            .send(Method::POST, url, &headers, Bytes::from(body.to_string()))
+            .await?
+            .expect(&[StatusCode::OK])?;
+        let text = parse_execution(&reply.body).map_err(|reason| ClientError::Protocol {
+            url: reply.url.clone(),
+            reason,
+        })?;
+        Ok((text, reply.elapsed))
     }
 
     /// `files.write` as raw octet-stream; returns elapsed time.
@@ -282,6 +312,34 @@ fn encode(path: &str) -> String {
         .collect()
 }
 
+/// envd's port, fixed by the E2B SDKs.
+const ENVD_PORT: u16 = 49983;
+/// The code interpreter's port, fixed by `e2b_code_interpreter`.
+const INTERPRETER_PORT: u16 = 49999;
+
+/// Reads an `/execute` NDJSON stream: the main result's text, or why the run failed (an
+/// `error` line, or no `end_of_execution`).
+fn parse_execution(body: &[u8]) -> Result<Option<String>, String> {
+    let mut text = None;
+    let mut ended = false;
+    for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_slice(line).map_err(|e| format!("bad NDJSON line: {e}"))?;
+        match v["type"].as_str() {
+            Some("result") if v["is_main_result"] == true => {
+                text = v["text"].as_str().map(str::to_owned);
+            }
+            Some("error") => return Err(format!("{}: {}", v["name"], v["value"])),
+            Some("end_of_execution") => ended = true,
+            _ => {}
+        }
+    }
+    if !ended {
+        return Err("no end_of_execution".into());
+    }
+    Ok(text)
+}
+
 /// Reads Connect envelopes of a `Process.Start` stream; returns the `end` event's exit code.
 fn parse_process_stream(mut body: Bytes) -> Result<i32, String> {
     let mut exit = None;
@@ -351,6 +409,18 @@ mod tests {
         assert_eq!(parse_process_stream(Bytes::from(b)), Ok(3));
         let no_end = env(0, serde_json::json!({"event":{"start":{"pid":7}}}));
         assert!(parse_process_stream(Bytes::from(no_end)).is_err());
+    }
+
+    #[test]
+    fn parses_an_execution_stream() {
+        let ok = b"{\"type\":\"number_of_executions\",\"execution_count\":1}\n\
+                   {\"type\":\"result\",\"is_main_result\":true,\"text\":\"2\"}\n\
+                   {\"type\":\"end_of_execution\"}\n";
+        assert_eq!(parse_execution(ok), Ok(Some("2".into())));
+        let failed = b"{\"type\":\"error\",\"name\":\"NameError\",\"value\":\"x\"}\n\
+                       {\"type\":\"end_of_execution\"}\n";
+        assert!(parse_execution(failed).unwrap_err().contains("NameError"));
+        assert!(parse_execution(b"").is_err(), "no end");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod chart;
 pub mod client;
 pub mod idle;
+pub mod interpreter;
 pub mod mem;
 pub mod network;
 pub mod report;

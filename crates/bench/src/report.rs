@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chart;
 use crate::idle::IdleCapacityRun;
+use crate::interpreter::InterpreterRun;
 use crate::network::NetworkComparison;
 use crate::stats::Summary;
 use crate::suite::{CreateRun, FileRun, MemoryRun};
@@ -64,6 +65,9 @@ pub struct BenchResults {
     /// User-mode vs TAP slots (issue 12), when the run made the comparison.
     #[serde(default)]
     pub network: Option<NetworkComparison>,
+    /// The code interpreter's rows (issue 13), when the run measured them.
+    #[serde(default)]
+    pub interpreter: Option<InterpreterRun>,
     pub notes: Vec<String>,
 }
 
@@ -243,6 +247,9 @@ impl BenchResults {
         }
         if let Some(net) = &self.network {
             net.markdown(&mut md);
+        }
+        if let Some(interpreter) = &self.interpreter {
+            interpreter.markdown(&mut md);
         }
         for n in &self.notes {
             let _ = writeln!(md, "\n> {n}");

@@ -11,6 +11,7 @@ use firkin_runtime::FirkinPaths;
 use firkin_runtime::qemu::{GUEST_PORTS, envd_ready};
 use firkin_vmm::{BootRequest, NetKind, RestoreRequest, Snapshot, Vm};
 
+mod interp;
 mod sides;
 
 /// Measure create latency, time to interactive, command round trip, file throughput, memory
@@ -22,6 +23,12 @@ mod sides;
 /// the two network kinds (issue 12): a `firkin serve --network user` and a `--network tap` side
 /// by side, pool depth 0, measured in alternation: c=1 creates, command round trip, files.
 ///
+/// And the code interpreter (issue 13; `--skip-interpreter` leaves it out): a server with
+/// `code-interpreter-v1` (built on first use, ~10 minutes under TCG) and `base`, pool depth 0:
+/// create → first `run_code("1+1")` result, `import pandas` in a fresh sandbox, the
+/// `run_code` round trip next to `commands.run("true")` in the same sandbox, and idle memory
+/// per sandbox of both templates.
+///
 /// Writes results.json and SVG charts into --out, prints the BENCHMARKS.md section, and with
 /// --write-benchmarks replaces the "latest numbers" section of that file.
 ///
@@ -31,6 +38,7 @@ mod sides;
 ///   firkin bench --out bench-results --write-benchmarks BENCHMARKS.md
 ///   firkin bench --url http://127.0.0.1:3000 --api-key "$E2B_API_KEY" --skip-memory
 ///   firkin bench --only network --quick
+///   firkin bench --only interpreter
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct BenchArgs {
@@ -65,6 +73,9 @@ pub struct BenchArgs {
     /// host can give sandboxes TAP networks).
     #[arg(long)]
     skip_network: bool,
+    /// Leave out the code interpreter's rows.
+    #[arg(long)]
+    skip_interpreter: bool,
     /// Run only this part (and write its results).
     #[arg(long, value_enum)]
     only: Option<Part>,
@@ -89,6 +100,8 @@ const NET_PREFIX: &str = "fkb";
 pub enum Part {
     /// Two servers, `--network user` and `--network tap`, measured in alternation.
     Network,
+    /// The code interpreter's rows (`code-interpreter-v1` next to `base`).
+    Interpreter,
 }
 
 pub(crate) struct ServerProcess {
@@ -443,10 +456,15 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     }
 
     let only_network = args.only == Some(Part::Network);
-    if !only_network {
+    let only_interpreter = args.only == Some(Part::Interpreter);
+    if only_interpreter {
+        // The header names the template the run measured.
+        res.template = firkin_server::recipes::CODE_INTERPRETER_TEMPLATE.to_owned();
+    }
+    if args.only.is_none() {
         main_suite(&args, &paths, &mut res).await?;
     }
-    if only_network || (!args.skip_network && args.url.is_none()) {
+    if only_network || (args.only.is_none() && !args.skip_network && args.url.is_none()) {
         match crate::network::tap_unavailable() {
             None => {
                 let plan = sides::Plan {
@@ -470,7 +488,16 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             )),
         }
     }
-    if !only_network {
+    if only_interpreter || (args.only.is_none() && !args.skip_interpreter) {
+        match interp::part(&args, &paths).await {
+            Ok(run) => res.interpreter = Some(run),
+            Err(e) if only_interpreter => return Err(e),
+            Err(e) => res
+                .notes
+                .push(format!("code interpreter run failed: {e:#}")),
+        }
+    }
+    if args.only.is_none() {
         floors(&args, &paths, &scratch, &mut res).await?;
         if args.url.is_none() && crate::network::tap_unavailable().is_none() {
             res.notes.push(

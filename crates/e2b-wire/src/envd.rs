@@ -44,6 +44,29 @@ pub struct EnvdInit {
     pub require_template_processes_only: bool,
 }
 
+/// Where envd publishes [`GuestState`] in a sandbox (`/run` is a tmpfs, so the file is part
+/// of the RAM snapshot, as the processes that read it are).
+pub const SANDBOX_STATE_FILE: &str = "/run/firkin/sandbox.json";
+/// The lock envd holds exclusively from writing a new [`GuestState`] until `/init`'s machine
+/// set-up (kernel RNG reseed, rename) is done; a reader takes it shared to wait for that.
+pub const SANDBOX_STATE_LOCK: &str = "/run/firkin/sandbox.lock";
+
+/// firkin: what envd tells services inside the sandbox (the code interpreter) after each
+/// `/init` that changes it. Services that were running when a template was snapshotted run on
+/// in every clone with the template's state (its env vars, its language runtimes' RNG seeds);
+/// a change of `sandbox` tells them they now serve another sandbox. A resumed sandbox keeps its
+/// name, so its processes keep their state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestState {
+    /// The sandbox's name as `/init` gave it (its hostname; the sandbox id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+    /// The sandbox-wide env vars, all of them (not only the last `/init`'s).
+    #[serde(default)]
+    pub env_vars: BTreeMap<String, String>,
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 mod envd;
-pub use envd::EnvdInit;
+pub use envd::{EnvdInit, GuestState, SANDBOX_STATE_FILE, SANDBOX_STATE_LOCK};
 
 mod network;
 pub use network::{EgressRules, SandboxNetworkConfig, SandboxNetworkUpdate};

@@ -25,6 +25,7 @@ pub mod http;
 pub mod process;
 pub mod reaper;
 pub mod rpc;
+pub mod sandbox_state;
 pub mod server;
 pub mod state;
 pub mod sys;

@@ -45,6 +45,12 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     host_secret_file: Option<PathBuf>,
 
+    /// Where to publish the sandbox's name and env vars after each `/init` that changes them,
+    /// for services inside the sandbox (the code interpreter); its lock goes next to it, as
+    /// `.lock` [default: guest mode: /run/firkin/sandbox.json; host mode: nowhere].
+    #[arg(long, value_name = "FILE", env = "FIRKIN_SANDBOX_STATE")]
+    sandbox_state: Option<PathBuf>,
+
     /// Log filter (tracing-subscriber syntax), e.g. `info` or `firkin_envd=debug`.
     #[arg(long, env = "FIRKIN_ENVD_LOG", default_value = "info")]
     log: String,
@@ -138,6 +144,9 @@ async fn run(cli: Cli, mode: Mode) -> Result<()> {
         )
         .with_host_secret(cli.host_secret_file.clone().or_else(|| {
             (mode == Mode::Guest).then(|| PathBuf::from(firkin_envd::guest::HOST_SECRET_FILE))
+        }))
+        .with_sandbox_state(cli.sandbox_state.clone().or_else(|| {
+            (mode == Mode::Guest).then(|| PathBuf::from(firkin_e2b_wire::SANDBOX_STATE_FILE))
         })),
     );
     let listener = tokio::net::TcpListener::bind(listen)

@@ -31,6 +31,8 @@ pub struct Settings {
     pub default_workdir: Option<PathBuf>,
     /// The newest `/init` timestamp applied so far; older ones must not move the clock back.
     pub last_timestamp: Option<OffsetDateTime>,
+    /// The hostname the last `/init` that named one asked for: the sandbox's name.
+    pub hostname: Option<String>,
 }
 
 /// The agent's shared state.
@@ -61,6 +63,8 @@ pub struct Envd {
     /// for every request of a warm-pool checkout. A template build empties this just before
     /// its snapshot (`forget_host_secret`), so every clone reads its own VM's secret, once.
     host_secret_cache: RwLock<Option<String>>,
+    /// Where services inside the sandbox learn which sandbox they serve (`None`: nowhere).
+    pub sandbox_state: Option<crate::sandbox_state::StatePublisher>,
     /// The pids a template build marked as its own (see [`crate::baseline`]); in the snapshot.
     template_processes: RwLock<Option<BTreeSet<i32>>>,
     /// Pids already found to be kernel threads by that check, so it reads each only once.
@@ -119,6 +123,7 @@ impl Envd {
             machine_setup: Arc::default(),
             setup_worker: start_setup_worker(),
             host_secret: None,
+            sandbox_state: None,
             host_secret_cache: RwLock::new(None),
             template_processes: RwLock::new(None),
             kernel_threads: std::sync::Mutex::default(),
@@ -128,6 +133,15 @@ impl Envd {
     /// Gates every request on the secret in `path` until `/init` sets a token.
     pub fn with_host_secret(mut self, path: Option<PathBuf>) -> Self {
         self.host_secret = path;
+        self
+    }
+
+    /// Publishes the sandbox's state to `file` (its lock next to it, `.lock`) after `/init`s.
+    pub fn with_sandbox_state(mut self, file: Option<PathBuf>) -> Self {
+        self.sandbox_state = file.map(|f| {
+            let lock = f.with_extension("lock");
+            crate::sandbox_state::StatePublisher::new(f, lock)
+        });
         self
     }
 

@@ -5,12 +5,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use firkin_e2b_wire::GuestState;
 use serde::Serialize;
 use tokio::sync::{OwnedMutexGuard, watch};
 
 use crate::error::{KernelError, RequestError};
 use crate::kernel::{Kernel, KernelOptions};
-use crate::language::{self, KernelSpec};
+use crate::language::{self, Dialect, KernelSpec};
+use crate::sandbox::{self, SandboxWatch};
 
 /// What the service needs to start kernels.
 #[derive(Debug, Clone)]
@@ -20,6 +22,8 @@ pub struct ServiceConfig {
     /// cwd of contexts created without one.
     pub default_cwd: PathBuf,
     pub kernel: KernelOptions,
+    /// envd's sandbox state file (`None`: not in a sandbox).
+    pub sandbox_state: Option<PathBuf>,
 }
 
 /// The kernel slot of a context: `None` until first started, or after a failed start.
@@ -73,6 +77,7 @@ impl Context {
 #[derive(Debug)]
 pub struct Contexts {
     config: ServiceConfig,
+    sandbox: SandboxWatch,
     by_id: Mutex<HashMap<String, Arc<Context>>>,
     /// Canonical language → id of its default context.
     defaults: Mutex<HashMap<String, String>>,
@@ -81,6 +86,7 @@ pub struct Contexts {
 impl Contexts {
     pub fn new(config: ServiceConfig) -> Self {
         Self {
+            sandbox: SandboxWatch::new(config.sandbox_state.clone()),
             config,
             by_id: Mutex::new(HashMap::new()),
             defaults: Mutex::new(HashMap::new()),
@@ -211,12 +217,14 @@ impl Contexts {
         Ok(())
     }
 
-    /// Starts the context's kernel if it has none or it has died.
+    /// Starts the context's kernel if it has none or it has died, and brings it up to date with
+    /// the sandbox it serves (see [`crate::sandbox`]): every run goes through here first.
     pub async fn ensure_started<'a>(
         &self,
         ctx: &Context,
         slot: &'a mut KernelSlot,
     ) -> Result<&'a mut Kernel, KernelError> {
+        let sandbox = self.sandbox.current().await;
         if slot.as_ref().is_some_and(|k| !k.is_alive()) {
             tracing::warn!(context = %ctx.id, language = %ctx.language, "kernel died; restarting");
             slot.take();
@@ -229,11 +237,27 @@ impl Contexts {
                     .ok_or_else(|| KernelError::NoKernel {
                         language: ctx.language.clone(),
                     })?;
-            *slot = Some(Kernel::start(&ctx.language, spec, &ctx.cwd, &self.config.kernel).await?);
+            // The sandbox's env vars under the spec's own, which the kernel needs as they are.
+            let mut spec = spec.clone();
+            if let Some(state) = &sandbox {
+                let mut env = sandbox::spawn_env(state);
+                env.append(&mut spec.env);
+                spec.env = env;
+            }
+            let mut kernel =
+                Kernel::start(&ctx.language, &spec, &ctx.cwd, &self.config.kernel).await?;
+            if let Some(state) = &sandbox {
+                kernel.set_sandbox(state.clone());
+            }
+            *slot = Some(kernel);
         }
-        slot.as_mut().ok_or_else(|| KernelError::Dead {
+        let kernel = slot.as_mut().ok_or_else(|| KernelError::Dead {
             language: ctx.language.clone(),
-        })
+        })?;
+        if let Some(state) = sandbox {
+            catch_up(ctx, kernel, state).await?;
+        }
+        Ok(kernel)
     }
 
     /// Creates the default contexts of `languages` and starts their kernels in the background;
@@ -262,4 +286,27 @@ impl Contexts {
             });
         }
     }
+}
+
+/// Runs what `kernel` needs to serve the sandbox `state` describes, once: a silent execution,
+/// so the user sees no output and no execution count for it.
+async fn catch_up(
+    ctx: &Context,
+    kernel: &mut Kernel,
+    state: GuestState,
+) -> Result<(), KernelError> {
+    if kernel.sandbox() == Some(&state) {
+        return Ok(());
+    }
+    let code = Dialect::of(&ctx.language)
+        .and_then(|dialect| sandbox::catch_up(dialect, kernel.sandbox(), &state));
+    if let Some(code) = code {
+        let started = std::time::Instant::now();
+        kernel.execute_quietly(&code).await?;
+        tracing::info!(context = %ctx.id, language = %ctx.language,
+            sandbox = state.sandbox.as_deref().unwrap_or(""),
+            ms = started.elapsed().as_millis() as u64, "kernel caught up with its sandbox");
+    }
+    kernel.set_sandbox(state);
+    Ok(())
 }

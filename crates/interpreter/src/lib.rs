@@ -9,6 +9,7 @@ pub mod http;
 pub mod kernel;
 pub mod language;
 pub mod output;
+pub mod sandbox;
 pub mod service;
 
 pub use contexts::{Contexts, ServiceConfig};

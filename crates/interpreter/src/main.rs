@@ -2,7 +2,7 @@
 //! 49999.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
@@ -49,6 +49,11 @@ struct Args {
     /// first use.
     #[arg(long, value_delimiter = ',', default_value = "python,javascript")]
     default_languages: Vec<String>,
+    /// envd's sandbox state file: read before each run, so that kernels running since a
+    /// template's snapshot are reseeded and get the sandbox's env vars in each clone. `none`
+    /// outside a sandbox.
+    #[arg(long, value_name = "FILE", default_value = firkin_e2b_wire::SANDBOX_STATE_FILE)]
+    sandbox_state: PathBuf,
 }
 
 fn kernels(overrides: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, KernelSpec>> {
@@ -90,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
             home: args.home,
             user: args.user,
         },
+        sandbox_state: (args.sandbox_state != Path::new("none")).then_some(args.sandbox_state),
     };
     let listener = TcpListener::bind(args.listen)
         .await

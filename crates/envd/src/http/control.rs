@@ -12,7 +12,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use firkin_e2b_wire::EnvdInit;
+use firkin_e2b_wire::{EnvdInit, GuestState};
 
 use super::{ApiError, ENVD_VERSION};
 use crate::state::{Envd, Mode};
@@ -84,28 +84,16 @@ pub(super) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Result<R
         apply_timestamp(&envd, ts);
     }
     let seed = entropy.filter(|s| !s.is_empty());
-    if seed.is_some() || req.hostname.is_some() || mac.is_some() {
-        // The first reseed and rename after a restore cost ~40 ms each of guest CPU under TCG
-        // (kernel RNG mixing, an ext4 write of /etc/hosts), which a create would wait for. They
-        // and the MAC change finish in the background instead, under `machine_setup`, which
-        // every process start waits for.
-        let guard = Arc::clone(&envd.machine_setup).write_owned().await;
-        let mode = envd.mode;
-        let hostname = req.hostname.clone();
-        envd.run_setup(move || {
-            if let Some(seed) = seed {
-                feed_entropy(mode, &seed);
-            }
-            if let Some(name) = hostname {
-                rename(mode, &name);
-            }
-            if let Some(mac) = mac {
-                readdress(mode, mac);
-            }
-            drop(guard);
-        });
-    }
+    let setup = seed.is_some() || req.hostname.is_some() || mac.is_some();
+    // Taken before the settings change, so that the state published below is released to
+    // readers only once this set-up is done.
+    let guard = if setup {
+        Some(Arc::clone(&envd.machine_setup).write_owned().await)
+    } else {
+        None
+    };
 
+    let hostname = req.hostname.clone();
     envd.update_settings(|s| {
         s.env_vars.extend(req.env_vars);
         if let Some(token) = req.access_token {
@@ -117,7 +105,47 @@ pub(super) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Result<R
         if let Some(dir) = req.default_workdir {
             s.default_workdir = (!dir.is_empty()).then(|| PathBuf::from(dir));
         }
+        if let Some(name) = &hostname {
+            s.hostname = Some(name.clone());
+        }
     });
+    let current = || {
+        let s = envd.settings();
+        GuestState {
+            sandbox: s.hostname,
+            env_vars: s.env_vars,
+        }
+    };
+    let published = match &envd.sandbox_state {
+        Some(publisher) => publisher.publish(current).await.unwrap_or_else(|e| {
+            tracing::warn!(file = %publisher.file().display(), error = %e,
+                "cannot publish the sandbox state");
+            None
+        }),
+        None => None,
+    };
+
+    if let Some(guard) = guard {
+        // The first reseed and rename after a restore cost ~40 ms each of guest CPU under TCG
+        // (kernel RNG mixing, an ext4 write of /etc/hosts), which a create would wait for. They
+        // and the MAC change finish in the background instead, under `machine_setup`, which
+        // every process start waits for (and under the published state's lock, which services
+        // inside the sandbox wait for).
+        let mode = envd.mode;
+        envd.run_setup(move || {
+            if let Some(seed) = seed {
+                feed_entropy(mode, &seed);
+            }
+            if let Some(name) = hostname {
+                rename(mode, &name);
+            }
+            if let Some(mac) = mac {
+                readdress(mode, mac);
+            }
+            drop(published);
+            drop(guard);
+        });
+    }
     if req.mark_template_processes {
         // The last request of a template build: its snapshot follows.
         envd.forget_host_secret();

@@ -23,8 +23,14 @@ pub const TOKEN: &str = "test-token-0123456789";
 impl Agent {
     /// Starts an agent without a token.
     pub fn start() -> Agent {
+        Agent::start_with(&[])
+    }
+
+    /// Starts an agent without a token, with `extra` command-line arguments.
+    pub fn start_with(extra: &[&str]) -> Agent {
         let mut child = Command::new(env!("CARGO_BIN_EXE_firkin-envd"))
             .args(["--listen", "127.0.0.1:0", "--log", "warn"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -129,6 +129,55 @@ async fn init_sets_env_defaults_timestamp_and_entropy() {
     assert_ne!(String::from_utf8(year.stdout).unwrap().trim(), "2030");
 }
 
+/// What the code interpreter reads before each run: the sandbox's name and env vars, written
+/// before `/init` answers, its lock free once the set-up (reseed, rename) is done, and not
+/// rewritten by an `/init` that changes neither (a resume).
+#[tokio::test]
+async fn init_publishes_the_sandbox_state_for_services_inside() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let dir = scratch();
+    let file = dir.path().join("run/sandbox.json");
+    let a = Agent::start_with(&["--sandbox-state", file.to_str().unwrap()]);
+    a.anon.init(&json!({"accessToken": ""})).await.unwrap();
+    assert!(!file.exists(), "nothing to publish yet, nothing written");
+
+    let first = json!({"envVars": {"A": "1"}, "hostname": "sbx-1", "entropy": b64(&[1u8; 32])});
+    a.anon.init(&first).await.unwrap();
+    let read = || serde_json::from_slice::<Value>(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(read(), json!({"sandbox": "sbx-1", "envVars": {"A": "1"}}));
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let lock = std::fs::File::open(dir.path().join("run/sandbox.lock")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut lock = Some(lock);
+    loop {
+        let f = lock.take().unwrap();
+        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock) {
+            Ok(_) => break,
+            Err((f, _)) if std::time::Instant::now() < deadline => {
+                lock = Some(f);
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err((_, e)) => panic!("the set-up lock stayed held: {e}"),
+        }
+    }
+
+    // A resume's /init: the same name and env, fresh entropy. Nothing to tell.
+    let resume = json!({"envVars": {"A": "1"}, "hostname": "sbx-1", "entropy": b64(&[2u8; 32])});
+    a.anon.init(&resume).await.unwrap();
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().ino(),
+        meta.ino(),
+        "rewritten"
+    );
+
+    a.anon.init(&json!({"envVars": {"B": "2"}})).await.unwrap();
+    assert_eq!(
+        read(),
+        json!({"sandbox": "sbx-1", "envVars": {"A": "1", "B": "2"}})
+    );
+}
+
 #[tokio::test]
 async fn metrics_report_cpu_memory_and_disk() {
     let a = Agent::start();

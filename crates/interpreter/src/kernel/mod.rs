@@ -40,6 +40,8 @@ pub struct Kernel {
     control: DealerSendConnection,
     router: Router,
     readers: Vec<JoinHandle<()>>,
+    /// The sandbox state this kernel has caught up with (see [`crate::sandbox`]).
+    sandbox: Option<firkin_e2b_wire::GuestState>,
 }
 
 /// Connecting fails now and then while the kernel is still binding its sockets (a peer reset
@@ -190,6 +192,7 @@ impl Kernel {
             control,
             router,
             readers,
+            sandbox: None,
         };
         kernel.wait_ready().await?;
         Ok(kernel)
@@ -202,6 +205,15 @@ impl Kernel {
 
     pub fn language(&self) -> &str {
         &self.language
+    }
+
+    /// The sandbox state this kernel has caught up with, if any.
+    pub fn sandbox(&self) -> Option<&firkin_e2b_wire::GuestState> {
+        self.sandbox.as_ref()
+    }
+
+    pub fn set_sandbox(&mut self, state: firkin_e2b_wire::GuestState) {
+        self.sandbox = Some(state);
     }
 
     pub fn is_alive(&self) -> bool {
