@@ -232,7 +232,7 @@ impl Kernel {
                 .await?;
             let round = Instant::now() + Duration::from_millis(500);
             let (mut reply, mut status, mut idle) = (false, false, false);
-            while !(reply && status) && !idle {
+            while !(idle || (reply && status)) {
                 let Ok(next) = tokio::time::timeout_at(round, pending.rx.recv()).await else {
                     break;
                 };
