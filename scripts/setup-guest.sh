@@ -2,7 +2,9 @@
 # Installs the host programs firkin runs and builds the guest-side assets. Idempotent; run as
 # root on Debian 12 (CI and developer machines). Called by the top-level set-up scripts.
 #
-#   scripts/setup-guest.sh            # packages, static guest binaries, guest kernel, final check
+#   scripts/setup-guest.sh            # packages, static guest binaries, the code interpreter's
+#                                     # kernels (pinned bash_kernel wheel, Deno), guest kernel,
+#                                     # final check
 #   scripts/setup-guest.sh --verify   # only the final check: every host tool is there and runs
 #
 # The packages come from the one list in the code (`firkin-guest host-tools packages`, from
@@ -47,8 +49,9 @@ installed_version() {
 install_packages() {
     local wanted=() p
     mapfile -t wanted < <(firkin_guest host-tools packages)
-    # The SDK test suites' virtualenv (Debian's python3 lacks ensurepip without it).
-    wanted+=(python3-venv)
+    # The SDK test suites' virtualenv (Debian's python3 lacks ensurepip without it); curl and
+    # CA certificates fetch the code interpreter's pinned kernels (fetch_interpreter_kernels).
+    wanted+=(python3-venv curl ca-certificates)
 
     # QEMU's packages must be one version: an image may carry a backported qemu-utils, and apt
     # resolves qemu-system-x86's conflict with it by *removing* qemu-utils (qemu-img gone), or
@@ -109,6 +112,73 @@ build_guest_binaries() {
     log "guest binaries in $guest_bin and $cache/guest/bin"
 }
 
+# The code interpreter's kernels that Debian does not package, fetched here on the host (pinned,
+# verified) and uploaded into the code-interpreter template's build, so the guest never
+# installs from the network. IRkernel, ipykernel and bash_kernel's dependencies come from
+# Debian in the template's package list (crates/guest/src/rootfs.rs).
+#
+# bash_kernel exists only on PyPI: the wheel and its sha256 from
+# https://pypi.org/pypi/bash_kernel/json. Deno ships on npm as @deno/linux-x64-glibc: the
+# tarball and its `dist.integrity` from https://registry.npmjs.org/@deno/linux-x64-glibc.
+# Changing a pin rebuilds code-interpreter-v1 (its fingerprint covers both files), nothing else.
+bash_kernel_wheel="bash_kernel-0.10.0-py2.py3-none-any.whl"
+bash_kernel_url="https://files.pythonhosted.org/packages/50/10/3753926476ac077d1f4548369c0ff2a5600e2c8fa5aef3cfcc5b10cf6155/$bash_kernel_wheel"
+bash_kernel_sha256="da28513230f5307c7a49e87352366304dc52b66faa207d6caed1b2bdec03c1fa"
+deno_version="2.9.6"
+deno_url="https://registry.npmjs.org/@deno/linux-x64-glibc/-/linux-x64-glibc-$deno_version.tgz"
+deno_integrity="sha512-3md4TKLCuzsLDmfOoC5KN7NAZaxSVkMgm64vg6foD00JBADCpYS2/5QqXfzgnP5ZQz3iLP9vBQJtEgc116OAoQ=="
+
+# npm's integrity string (`sha512-<base64 of the raw digest>`) of a file.
+npm_integrity() {
+    printf 'sha512-%s' "$(sha512sum "$1" | cut -d' ' -f1 | tr a-f A-F | basenc --base16 -d | base64 -w0)"
+}
+
+fetch_interpreter_kernels() {
+    local bin="$cache/guest/bin" tmp
+    mkdir -p "$bin"
+    # A fetch that failed half-way (curl, a refused digest) leaves its directory; the next run
+    # clears it.
+    rm -rf "$bin"/.fetch.*
+    tmp=$(mktemp -d "$bin/.fetch.XXXXXX")
+
+    if [ -f "$bin/$bash_kernel_wheel" ] &&
+        [ "$(sha256sum "$bin/$bash_kernel_wheel" | cut -d' ' -f1)" = "$bash_kernel_sha256" ]; then
+        log "bash_kernel wheel present ($bash_kernel_wheel)"
+    else
+        log "fetching $bash_kernel_wheel"
+        curl -fsSL --retry 3 -o "$tmp/$bash_kernel_wheel" "$bash_kernel_url"
+        local got
+        got=$(sha256sum "$tmp/$bash_kernel_wheel" | cut -d' ' -f1)
+        if [ "$got" != "$bash_kernel_sha256" ]; then
+            log "$bash_kernel_wheel: sha256 $got, pinned $bash_kernel_sha256; refusing it"
+            exit 1
+        fi
+        # One wheel only: firkin uploads whichever bash_kernel wheel the directory holds and
+        # refuses two.
+        rm -f "$bin"/bash_kernel-*.whl
+        mv -f "$tmp/$bash_kernel_wheel" "$bin/$bash_kernel_wheel"
+    fi
+
+    # The version a present `deno` reports is what decides: the tarball is not kept.
+    if [ -x "$bin/deno" ] && "$bin/deno" --version 2>/dev/null | head -1 | grep -qx "deno $deno_version .*"; then
+        log "deno $deno_version present"
+    else
+        log "fetching deno $deno_version"
+        curl -fsSL --retry 3 -o "$tmp/deno.tgz" "$deno_url"
+        local integrity
+        integrity=$(npm_integrity "$tmp/deno.tgz")
+        if [ "$integrity" != "$deno_integrity" ]; then
+            log "deno $deno_version: integrity $integrity, pinned $deno_integrity; refusing it"
+            exit 1
+        fi
+        tar -xzf "$tmp/deno.tgz" -C "$tmp" package/deno
+        install -m 0755 "$tmp/package/deno" "$bin/deno.tmp"
+        mv -f "$bin/deno.tmp" "$bin/deno"
+    fi
+    rm -rf "$tmp"
+    log "code interpreter kernels in $bin"
+}
+
 fetch_kernel() {
     log "guest kernel into $cache/kernel"
     mkdir -p "$cache"
@@ -130,6 +200,7 @@ if [ "${1:-}" = --verify ]; then
 fi
 [ "${FIRKIN_SKIP_APT:-0}" = 1 ] || install_packages
 build_guest_binaries
+fetch_interpreter_kernels
 fetch_kernel
 verify_tools
 log "done"

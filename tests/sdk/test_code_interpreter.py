@@ -118,3 +118,63 @@ def test_clones_draw_their_own_random_numbers_and_see_their_own_env(ci_server):
     finally:
         for sbx in sandboxes:
             sbx.kill()
+
+
+def _timed_first(sbx, language, code):
+    """The first run_code of a language in a fresh sandbox, timed (printed with -s)."""
+    began = time.monotonic()
+    r = sbx.run_code(code, language=language)
+    print(f"\nfirst run_code in {language}: {time.monotonic() - began:.2f} s")
+    assert r.error is None, r.error
+    return r
+
+
+def test_javascript_and_typescript_keep_state(ci_server):
+    # Deno's kernel, the template's second default context (warm in the snapshot, as E2B's is).
+    sbx = Sandbox.create(timeout=300, **ci_server.opts())
+    try:
+        _timed_first(sbx, "javascript", "let x = 21")
+        r = sbx.run_code("x * 2", language="javascript")
+        assert r.error is None, r.error
+        assert r.text == "42"
+        r = sbx.run_code("console.log('hello')", language="js")
+        assert "".join(r.logs.stdout) == "hello\n"
+        r = sbx.run_code("throw new Error('boom')", language="javascript")
+        assert r.error is not None and r.error.name == "Error", r.error
+
+        _timed_first(sbx, "typescript", "const y: number = 21")
+        r = sbx.run_code("y * 2", language="typescript")
+        assert r.error is None, r.error
+        assert r.text == "42"
+    finally:
+        sbx.kill()
+
+
+def test_r_keeps_state(ci_server):
+    sbx = Sandbox.create(timeout=300, **ci_server.opts())
+    try:
+        _timed_first(sbx, "r", "x <- 21")
+        r = sbx.run_code("x * 2", language="r")
+        assert r.error is None, r.error
+        # IRkernel publishes a value as `display_data`, not `execute_result`, so it is a result
+        # but not the main one (`r.text` is None, as through E2B's own service).
+        assert [x.text for x in r.results] == ["[1] 42"]
+        r = sbx.run_code("cat(x * 2, '\\n')", language="r")
+        assert "".join(r.logs.stdout) == "42 \n"
+        r = sbx.run_code("stop('boom')", language="r")
+        assert r.error is not None, r
+    finally:
+        sbx.kill()
+
+
+def test_bash_keeps_state(ci_server):
+    sbx = Sandbox.create(timeout=300, **ci_server.opts())
+    try:
+        _timed_first(sbx, "bash", "X=21")
+        r = sbx.run_code("echo $((X*2))", language="bash")
+        assert r.error is None, r.error
+        assert "".join(r.logs.stdout) == "42\n"
+        r = sbx.run_code("whoami; pwd", language="bash")
+        assert "".join(r.logs.stdout) == "user\n/home/user\n"
+    finally:
+        sbx.kill()

@@ -114,6 +114,20 @@ fn guest_assets(paths: &firkin_runtime::FirkinPaths) -> Vec<Check> {
                 Status::Ok,
                 format!("{}, {}", a.init.display(), a.envd.display()),
             ),
+            // Only code-interpreter-v1 (and recipes like it) need these: a warning, not a fail.
+            match &a.interpreter {
+                Ok(b) => check(
+                    "code interpreter",
+                    Status::Ok,
+                    format!(
+                        "{}, {}, {}",
+                        b.interpreter.display(),
+                        b.bash_kernel_wheel.display(),
+                        b.deno.display()
+                    ),
+                ),
+                Err(e) => check("code interpreter", Status::Warn, e.to_string()),
+            },
         ],
         Err(e @ GuestAssetsError::Kernel { .. }) => vec![
             check("guest kernel", Status::Fail, e.to_string()),

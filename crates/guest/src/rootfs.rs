@@ -73,9 +73,10 @@ pub fn base_template() -> RootfsSource {
 }
 
 /// The code interpreter's image (`code-interpreter-v1`, the template E2B's code interpreter
-/// SDK asks for): `base` plus ipykernel and the data stack E2B's image preinstalls, all from
-/// Debian so that the build needs no PyPI and every version is bookworm's. R, Deno and
-/// bash_kernel are not in it yet (the last two exist only on npm and PyPI).
+/// SDK asks for): `base` plus ipykernel and the data stack E2B's image preinstalls, IRkernel
+/// (R) and bash_kernel's dependencies, all from Debian so that every version is bookworm's.
+/// bash_kernel itself and Deno are not Debian packages: the set-up fetches them (pinned,
+/// verified) and the build uploads them (see the recipe in `firkin-server`).
 pub fn code_interpreter_template() -> RootfsSource {
     let mut source = base_template();
     if let RootfsSource::Debian { packages, .. } = &mut source {
@@ -87,6 +88,11 @@ pub fn code_interpreter_template() -> RootfsSource {
                 "python3-matplotlib",
                 "python3-scipy",
                 "python3-requests",
+                // R's kernel; it pulls in r-base-core and the R packages it needs.
+                "r-cran-irkernel",
+                // bash_kernel's dependencies (its wheel is installed with --no-deps).
+                "python3-pexpect",
+                "python3-filetype",
             ]
             .map(String::from),
         );

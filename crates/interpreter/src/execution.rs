@@ -113,6 +113,10 @@ async fn stream(
     let mut replied = false;
     let mut reply_error = None;
     let mut idle_at: Option<Instant> = None;
+    // Set once the run is over for a kernel whose output may trail its end: the run ends when
+    // this passes without a message.
+    let mut quiet_until: Option<Instant> = None;
+    let late_output = kernel.late_output();
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
     loop {
         let stop_at = stopped.map(|(_, at)| at);
@@ -128,6 +132,10 @@ async fn stream(
                     return Outcome::Died;
                 };
                 let date = routed.msg.header.date.to_rfc3339();
+                if let (Some(_), Some(quiet)) = (quiet_until, late_output) {
+                    quiet_until = Some(Instant::now() + quiet);
+                }
+                let mut finished = false;
                 match (routed.from, routed.msg.content) {
                     (From::IoPub, JupyterMessageContent::ExecuteInput(i)) => {
                         send(OutputLine::NumberOfExecutions { execution_count: i.execution_count.0 }).await;
@@ -163,23 +171,26 @@ async fn stream(
                             (ReplyStatus::Error, Some(e)) => reply_error = Some(*e),
                             _ => {}
                         }
-                        if idle_at.is_some() {
-                            break;
-                        }
+                        finished = idle_at.is_some();
                     }
                     (From::IoPub, JupyterMessageContent::Status(s))
                         if s.execution_state == ExecutionState::Idle =>
                     {
-                        if replied {
-                            break;
-                        }
+                        finished = replied;
                         idle_at = Some(Instant::now());
                     }
                     _ => {}
                 }
+                if finished {
+                    match late_output {
+                        None => break,
+                        Some(quiet) => quiet_until = Some(Instant::now() + quiet),
+                    }
+                }
             }
+            () = tokio::time::sleep_until(quiet_until.unwrap_or(far)), if quiet_until.is_some() => break,
             // Idle and the reply travel on different sockets; the reply tells an aborted run apart.
-            () = tokio::time::sleep_until(idle_at.unwrap_or(far) + REPLY_GRACE), if idle_at.is_some() => break,
+            () = tokio::time::sleep_until(idle_at.unwrap_or(far) + REPLY_GRACE), if idle_at.is_some() && quiet_until.is_none() => break,
             Ok(()) = cancel.changed() => {
                 kernel.interrupt().await;
                 if !errored {

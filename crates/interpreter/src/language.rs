@@ -1,6 +1,7 @@
 //! Language names as clients spell them, and the kernel command for each.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// How a kernel wants to be interrupted, as a kernelspec's `interrupt_mode` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,7 +22,15 @@ pub struct KernelSpec {
     pub interrupt_mode: InterruptMode,
     /// Deno's kernel ends an interrupted run without an `error`; the service makes one up.
     pub silent_on_interrupt: bool,
+    /// Deno's kernel publishes part of a run's output (its result, console output) after the
+    /// run's `status: idle`, which for other kernels is the end. With `Some(quiet)` a finished
+    /// run keeps taking its messages until none came for `quiet`.
+    pub late_output: Option<Duration>,
 }
+
+/// How long a Deno run's output may trail its `idle` (measured: under a millisecond on a host,
+/// but it lost a result or a `console.log` line in about one run in ten without a wait).
+pub const DENO_LATE_OUTPUT: Duration = Duration::from_millis(200);
 
 impl KernelSpec {
     fn new(argv: &[&str], interrupt_mode: InterruptMode) -> Self {
@@ -30,6 +39,7 @@ impl KernelSpec {
             env: BTreeMap::new(),
             interrupt_mode,
             silent_on_interrupt: false,
+            late_output: None,
         }
     }
 }
@@ -43,7 +53,10 @@ pub fn default_kernels() -> BTreeMap<String, KernelSpec> {
         );
         // Without it Deno colours `text/plain` (`\e[33m42\e[39m`).
         spec.env.insert("NO_COLOR".into(), "1".into());
+        // A sandbox may have no way out; Deno would otherwise look for a newer release.
+        spec.env.insert("DENO_NO_UPDATE_CHECK".into(), "1".into());
         spec.silent_on_interrupt = true;
+        spec.late_output = Some(DENO_LATE_OUTPUT);
         spec
     };
     BTreeMap::from([

@@ -111,7 +111,7 @@ impl TemplateBuilder for QemuTemplateBuilder {
         match self.assets.interpreter_fingerprint(&self.cache) {
             Ok(f) => f,
             Err(err) => {
-                tracing::warn!(%err, "cannot hash firkin-interpreter; its templates are adopted unchecked for it");
+                tracing::warn!(%err, "cannot hash the code interpreter's bundle; its templates are adopted unchecked for it");
                 None
             }
         }

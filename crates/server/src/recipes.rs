@@ -6,7 +6,7 @@
 //! only it) on the next request.
 
 use firkin_e2b_wire::DEFAULT_TEMPLATE;
-use firkin_runtime::qemu::{INTERPRETER_UPLOAD, code_interpreter_template};
+use firkin_runtime::qemu::{INTERPRETER_UPLOAD_DIR, code_interpreter_template};
 
 use crate::types::BuildTemplateRequest;
 
@@ -46,15 +46,40 @@ fn code_interpreter() -> BuildTemplateRequest {
     }
 }
 
+/// Runs one execution on the service and fails unless it ended without an error and printed
+/// `expect` on stdout: `check LANGUAGE_OR_CONTEXT_JSON CODE EXPECT`. A shell function for the
+/// warm-up commands below, which are each one `bash -l -c`.
+const CHECK_EXECUTE: &str = r#"check() {
+  out=$(curl -sS --max-time 900 -H 'content-type: application/json' \
+    -d "{$1,\"code\":\"$2\"}" http://127.0.0.1:49999/execute) || return 1
+  printf '%s\n' "$out"
+  ! printf '%s' "$out" | grep -q '"type":"error"' &&
+    printf '%s' "$out" | grep -q '"type":"end_of_execution"' &&
+    printf '%s' "$out" | grep -qF "\"text\":\"$3"
+}"#;
+
 /// The service runs as root (it must set each kernel's uid) and its kernels as `user` in
-/// `/home/user`, as in E2B's image. It is started here, so that it and its warmed Python kernel
-/// are in the snapshot: a sandbox's first `run_code` then pays neither Python's start-up nor
-/// the data stack's imports, which take seconds under TCG.
+/// `/home/user`, as in E2B's image. It is started here, so that it and warm kernels (every
+/// language but TypeScript) are in the snapshot: a sandbox's first `run_code` then pays neither
+/// a kernel's start-up nor the data stack's imports, which take seconds under TCG.
 fn code_interpreter_commands() -> Vec<String> {
+    let d = INTERPRETER_UPLOAD_DIR;
     vec![
-        format!(
-            "install -m 0755 {INTERPRETER_UPLOAD} /usr/local/bin/firkin-interpreter && rm -f {INTERPRETER_UPLOAD}"
-        ),
+        // The bundle the build uploaded: the service, Deno (JavaScript, TypeScript) and
+        // bash_kernel, which is only on PyPI: installed offline from the wheel the set-up
+        // fetched and verified, its dependencies (pexpect, filetype) from Debian.
+        [
+            format!("install -m 0755 {d}/firkin-interpreter /usr/local/bin/firkin-interpreter"),
+            format!("install -m 0755 {d}/deno /usr/local/bin/deno"),
+            format!(
+                "python3 -m pip install --no-index --no-deps --break-system-packages \
+                 --no-cache-dir --root-user-action=ignore {d}/bash_kernel-*.whl"
+            ),
+            format!("rm -rf {d}"),
+            "deno --version".to_owned(),
+            "python3 -c 'import bash_kernel.kernel'".to_owned(),
+        ]
+        .join(" && "),
         // Tracebacks reach the SDK as text (`ExecutionError.traceback`); ANSI colour codes in
         // them are noise to an agent reading them.
         [
@@ -65,9 +90,9 @@ fn code_interpreter_commands() -> Vec<String> {
         ]
         .join(" && "),
         // `setsid` and the redirections detach it from envd's process, whose end the build
-        // waits for. Only Python's kernel is started now: Deno is not in this image yet.
+        // waits for.
         "cd / && setsid /usr/local/bin/firkin-interpreter --uid 1000 --gid 1000 \
-         --home /home/user --user user --cwd /home/user --default-languages python \
+         --home /home/user --user user --cwd /home/user --default-languages python,javascript \
          >/var/log/firkin-interpreter.log 2>&1 </dev/null &"
             .to_owned(),
         // Warm: the first execution waits for the default kernel, and pyplot's import builds
@@ -83,6 +108,17 @@ fn code_interpreter_commands() -> Vec<String> {
             "printf '%s' \"$out\" | grep -q '\"type\":\"end_of_execution\"'",
         ]
         .join(" && "),
+        // The other languages' default contexts, warm in the snapshot as Python's is:
+        // JavaScript (E2B's second default context), R and bash. A kernel start costs seconds
+        // under TCG; warm, a sandbox's first `run_code` pays none, and the build fails if a
+        // kernel cannot start. Not TypeScript: it is a second Deno kernel (~200 MiB resident,
+        // measured), which with all the others warm would leave a 1 GiB sandbox ~190 MiB free.
+        format!(
+            r#"{CHECK_EXECUTE}
+check '"language":"javascript"' 'console.log(6 * 7)' 42 &&
+  check '"language":"r"' 'cat(6 * 7)' 42 &&
+  check '"language":"bash"' 'echo $((6 * 7))' 42"#
+        ),
     ]
 }
 
@@ -107,7 +143,8 @@ mod tests {
         let r = builtin(CODE_INTERPRETER_TEMPLATE).unwrap();
         assert!(r.interpreter);
         assert_eq!(r.memory_mb, Some(1024));
-        assert!(r.commands[0].contains(INTERPRETER_UPLOAD));
+        assert!(r.commands[0].contains(INTERPRETER_UPLOAD_DIR));
+        assert!(r.commands[0].contains("--no-index --no-deps"));
         assert!(
             r.commands
                 .iter()

@@ -27,7 +27,8 @@ pub struct TemplateBuildRequest {
     pub commands: Vec<String>,
     /// Root filesystem source; `None` means the default `base` image.
     pub source: Option<firkin_runtime::qemu::RootfsSource>,
-    /// Upload the code interpreter's binary before `commands` run.
+    /// Upload the code interpreter's bundle (service, bash_kernel wheel, Deno) before
+    /// `commands` run.
     pub interpreter: bool,
 }
 
@@ -83,9 +84,9 @@ pub trait TemplateBuilder: Send + Sync + 'static {
         None
     }
 
-    /// Identifies the code interpreter binary a build with `interpreter` uploads. Apart from
-    /// [`Self::guest_fingerprint`] so that a new interpreter rebuilds only the templates that
-    /// hold it.
+    /// Identifies the code interpreter's bundle (service, bash_kernel wheel, Deno) a build
+    /// with `interpreter` uploads. Apart from [`Self::guest_fingerprint`] so that a new file
+    /// of it rebuilds only the templates that hold it.
     fn interpreter_fingerprint(&self) -> Option<String> {
         None
     }

@@ -30,9 +30,10 @@ pub struct BuildTemplateRequest {
     /// Default: E2B's `base` (Debian bookworm, python3, git, curl, sudo, user `user`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<firkin_runtime::qemu::RootfsSource>,
-    /// Upload the static `firkin-interpreter` (the code interpreter, port 49999) into the
-    /// booted template at `firkin_runtime::qemu::INTERPRETER_UPLOAD` before `commands` run;
-    /// the commands install and start it (see the built-in `code-interpreter-v1`).
+    /// Upload the code interpreter's bundle (the static `firkin-interpreter`, port 49999,
+    /// bash_kernel's wheel and Deno) into the booted template's
+    /// `firkin_runtime::qemu::INTERPRETER_UPLOAD_DIR` before `commands` run; the commands
+    /// install and start it (see the built-in `code-interpreter-v1`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub interpreter: bool,
 }

@@ -25,7 +25,9 @@ use crate::error::KernelError;
 use crate::language::{InterruptMode, KernelSpec};
 
 /// How long a kernel may take from spawn to answering `kernel_info` with iopub connected.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Generous: under TCG on a busy 2-core host an ipykernel-based kernel (Python, bash) takes
+/// tens of seconds to import what it needs.
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// Starts tried before giving up: another program may take a port between our pick and the
 /// kernel's bind, which costs one attempt.
 const START_ATTEMPTS: usize = 3;
@@ -225,6 +227,11 @@ impl Kernel {
         self.spec.silent_on_interrupt
     }
 
+    /// How long a finished run's output may still trail its end (see `KernelSpec`).
+    pub fn late_output(&self) -> Option<std::time::Duration> {
+        self.spec.late_output
+    }
+
     /// PUB/SUB joins slowly: a kernel may answer on shell before our iopub subscription is in
     /// place, and what it publishes meanwhile is lost. So ask `kernel_info` until a `status`
     /// for one of the requests comes back on iopub, as jupyter_client does.
@@ -236,8 +243,8 @@ impl Kernel {
                 .send_shell(KernelInfoRequest {}.into(), "kernel_info_request")
                 .await?;
             let round = Instant::now() + Duration::from_millis(500);
-            let (mut reply, mut status) = (false, false);
-            while !(reply && status) {
+            let (mut reply, mut status, mut idle) = (false, false, false);
+            while !(idle || (reply && status)) {
                 let Ok(next) = tokio::time::timeout_at(round, pending.rx.recv()).await else {
                     break;
                 };
@@ -246,11 +253,17 @@ impl Kernel {
                 };
                 match (routed.from, &routed.msg.content) {
                     (From::Shell, JupyterMessageContent::KernelInfoReply(_)) => reply = true,
-                    (From::IoPub, JupyterMessageContent::Status(_)) => status = true,
+                    (From::IoPub, JupyterMessageContent::Status(s)) => {
+                        status = true;
+                        idle = s.execution_state == ExecutionState::Idle;
+                    }
                     _ => {}
                 }
             }
-            if reply && status {
+            // `idle` for the request: the kernel has handled it and iopub is joined, even if its
+            // reply did not parse (bash_kernel's `language_info` has no `version`, which the
+            // protocol crate requires, so its reply is dropped as a bad message).
+            if (reply && status) || idle {
                 return Ok(());
             }
             if reply {

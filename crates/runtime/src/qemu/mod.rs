@@ -12,16 +12,17 @@ mod net;
 mod ready;
 mod template;
 
-pub use assets::{GuestAssets, GuestAssetsError, MissingGuestBinary};
+pub use assets::{
+    GuestAssets, GuestAssetsError, INTERPRETER_UPLOAD_DIR, InterpreterBundle,
+    MissingInterpreterBundle,
+};
 pub use firkin_guest::{
     ROOTFS_RULES_VERSION, RootfsSource, UserSpec, base_template, code_interpreter_template,
 };
 pub use firkin_vmm::{Accel, AccelDecision, accel::detect as detect_accel};
 pub use launcher::{QemuError, QemuLauncher, QemuSession};
 pub use ready::{GUEST_PORTS, envd_addr, envd_health, envd_ready};
-pub use template::{
-    BuildEvent, INTERPRETER_UPLOAD, TemplateBuild, TemplateBuildError, build_template,
-};
+pub use template::{BuildEvent, TemplateBuild, TemplateBuildError, build_template};
 
 /// Component names in a sealed QEMU snapshot.
 pub mod component {

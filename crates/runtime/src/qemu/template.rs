@@ -29,8 +29,9 @@ pub struct TemplateBuild {
     pub source: RootfsSource,
     /// Shell commands run as root in the booted template, in order, before the snapshot.
     pub commands: Vec<String>,
-    /// Upload the static `firkin-interpreter` to [`INTERPRETER_UPLOAD`] in the booted template
-    /// before the commands run (they install and start it).
+    /// Upload the code interpreter's bundle (the service, bash_kernel's wheel, Deno) into
+    /// [`INTERPRETER_UPLOAD_DIR`] in the booted template before the commands run (they install
+    /// and start it).
     pub interpreter: bool,
     /// vCPUs, guest RAM and disk size of every sandbox of this template.
     pub budget: ResourceBudget,
@@ -67,7 +68,7 @@ pub enum TemplateBuildError {
         reason: String,
     },
     #[error(transparent)]
-    MissingBinary(#[from] super::assets::MissingGuestBinary),
+    MissingInterpreter(#[from] super::assets::MissingInterpreterBundle),
     #[error("uploading {what} into the template failed: {reason}")]
     Upload { what: String, reason: String },
     #[error("marking the template's processes failed: {0}")]
@@ -94,10 +95,6 @@ impl From<firkin_vmm::VmmError> for TemplateBuildError {
 }
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Where a build that asks for the code interpreter finds its binary in the guest (uploaded
-/// through envd, mode 0644: the recipe's commands install it where and how they want).
-pub const INTERPRETER_UPLOAD: &str = "/var/tmp/firkin-interpreter.new";
 
 /// Builds, boots, prepares, snapshots and seals a template. On failure nothing sealed is left
 /// in `build.dir` (a partial directory is removed), so a failed build can never be restored.
@@ -136,12 +133,19 @@ async fn build_inner(
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     // Before minutes of root filesystem work, not after.
-    let interpreter = if build.interpreter {
-        let path = assets.interpreter()?;
-        Some(tokio::fs::read(path).await.map_err(io(path))?)
+    let uploads = if build.interpreter {
+        assets
+            .interpreter()?
+            .uploads()
+            .into_iter()
+            .map(|(path, guest)| (path.to_path_buf(), guest))
+            .collect()
     } else {
-        None
+        Vec::new()
     };
+    for (path, _) in &uploads {
+        tokio::fs::metadata(path).await.map_err(io(path))?;
+    }
     check_disk_floor(&mut HostDiskProbe, dir, DEFAULT_RESTORE_DISK_FLOOR)
         .map_err(|e| TemplateBuildError::Disk(e.to_string()))?;
 
@@ -236,14 +240,25 @@ async fn build_inner(
     if let Some(secret) = vm.guest_secret() {
         client = client.with_token(secret.to_owned());
     }
-    if let Some(bytes) = interpreter {
+    if !uploads.is_empty() {
+        phase(events, "uploading the code interpreter", 0.52);
+    }
+    for (path, guest) in uploads {
+        // Read one at a time: Deno alone is ~100 MB.
+        let bytes = tokio::fs::read(&path).await.map_err(io(&path))?;
+        let (size, began) = (bytes.len(), Instant::now());
         client
-            .upload(INTERPRETER_UPLOAD, "root", bytes.into())
+            .upload(&guest, "root", bytes.into())
             .await
             .map_err(|e| TemplateBuildError::Upload {
-                what: "firkin-interpreter".into(),
+                what: path.display().to_string(),
                 reason: e.to_string(),
             })?;
+        let _ = events.send(BuildEvent::Log(format!(
+            "uploaded {guest} ({:.1} MiB) in {:.1} s",
+            size as f64 / (1024.0 * 1024.0),
+            began.elapsed().as_secs_f64()
+        )));
     }
     let total = build.commands.len().max(1) as f32;
     for (index, command) in build.commands.iter().enumerate() {
