@@ -283,7 +283,7 @@ pub(crate) fn delete_sandbox(
 /// Removes `dir` and what is in it, detaching mounts inside it first: an interrupted
 /// template build leaves its tree's `/proc`, `/sys` and `/dev` mounts behind.
 pub(crate) fn remove_dir(dir: &Path) {
-    if let Err(err) = firkin_guest::remove_tree(dir) {
+    if let Err(err) = firkin_runtime::qemu::remove_tree(dir) {
         tracing::warn!(dir = %dir.display(), %err, "cannot remove directory");
     }
 }

@@ -18,6 +18,7 @@ pub use assets::{
 };
 pub use firkin_guest::{
     ROOTFS_RULES_VERSION, RootfsSource, UserSpec, base_template, code_interpreter_template,
+    remove_tree,
 };
 pub use firkin_vmm::{Accel, AccelDecision, accel::detect as detect_accel};
 pub use launcher::{QemuError, QemuLauncher, QemuSession};
