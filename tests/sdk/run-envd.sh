@@ -11,4 +11,4 @@ cd "$REPO"
 
 cargo build -p firkin-envd
 export FIRKIN_ENVD_BIN="${FIRKIN_ENVD_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/debug/firkin-envd}"
-exec "$VENV/bin/python" -m pytest -q tests/sdk/test_envd_host.py "$@"
+exec "$VENV/bin/python" -m pytest -q --durations=10 tests/sdk/test_envd_host.py "$@"

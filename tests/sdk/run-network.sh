@@ -150,7 +150,7 @@ export FIRKIN_TESTNET_HOST_IP=$HOST_IP FIRKIN_TESTNET_ALLOWED_IP=$ALLOWED FIRKIN
 export FIRKIN_TESTNET_OTHER_IP=$OTHER FIRKIN_TESTNET_METADATA_IP=$META FIRKIN_TESTNET_DNS="$DNS:53"
 export FIRKIN_TESTNET_PREFIX=$PREFIX
 set +e
-inhost "$VENV/bin/python" -m pytest -q -rfEs tests/sdk/test_network.py "$@"
+inhost "$VENV/bin/python" -m pytest -q -rfEs --durations=10 tests/sdk/test_network.py "$@"
 rc=$?
 set -e
 exit $rc

@@ -25,4 +25,4 @@ export FIRKIN_BIN="${FIRKIN_BIN:-$target/firkin}"
 export FIRKIN_ENVD_BIN="${FIRKIN_ENVD_BIN:-$target/firkin-envd}"
 # test_code_interpreter.py starts its own server with `--template code-interpreter-v1`: the
 # template is built once per cache (minutes under TCG) and adopted by later runs.
-exec "$VENV/bin/python" -m pytest -q tests/sdk/test_serve.py tests/sdk/test_code_interpreter.py "$@"
+exec "$VENV/bin/python" -m pytest -q --durations=25 tests/sdk/test_serve.py tests/sdk/test_code_interpreter.py "$@"
