@@ -7,6 +7,7 @@ tests/sdk/run-serve.sh runs this file after test_serve.py.
 """
 
 import ast
+import base64
 import os
 import secrets
 import shutil
@@ -72,6 +73,76 @@ def test_run_code_keeps_state_streams_stdout_and_names_errors(ci_server):
         # And the kernel runs as `user` in its home, as in E2B's image.
         r = sbx.run_code("import os, getpass\nprint(getpass.getuser(), os.getcwd())")
         assert "".join(r.logs.stdout) == "user /home/user\n"
+    finally:
+        sbx.kill()
+
+
+PLOT = """
+import matplotlib.pyplot as plt
+fig, ax = plt.subplots()
+ax.plot([1, 2, 3, 4], [1, 4, 9, 16], label="squares")
+ax.set_title("Squares")
+ax.set_xlabel("n")
+ax.set_ylabel("area (m2)")
+plt.show()
+"""
+
+
+def test_contexts_streaming_timeouts_and_charts(ci_server):
+    """The rest of the SDK's surface in one sandbox: isolated and restartable contexts, output
+    that arrives while a run goes on, a run cut off by its timeout, and a plot as PNG + chart."""
+    sbx = Sandbox.create(timeout=300, **ci_server.opts())
+    try:
+        a = sbx.create_code_context(language="python")
+        b = sbx.create_code_context(language="python")
+        assert sbx.run_code("x = 'a'", context=a).error is None
+        assert sbx.run_code("x = 'b'", context=b).error is None
+        assert sbx.run_code("x", context=a).text == "a"
+        assert sbx.run_code("x", context=b).text == "b"
+        sbx.restart_code_context(a)
+        gone = sbx.run_code("x", context=a)
+        assert gone.error is not None and gone.error.name == "NameError", gone
+        assert sbx.run_code("x", context=b).text == "b"
+
+        # Each line is handed over when printed: the first arrives long before the run ends.
+        arrivals = []
+        began = time.monotonic()
+        r = sbx.run_code(
+            "import time\nfor i in range(3):\n    print(i, flush=True)\n    time.sleep(1)",
+            on_stdout=lambda m: arrivals.append((time.monotonic() - began, m.line)),
+        )
+        ended = time.monotonic() - began
+        assert r.error is None, r.error
+        assert "".join(line for _, line in arrivals) == "0\n1\n2\n", arrivals
+        assert arrivals[0][0] < ended - 1.5, (arrivals, ended)
+
+        assert sbx.run_code("y = 7").error is None
+        began = time.monotonic()
+        with pytest.raises(Exception):
+            sbx.run_code("while True: pass", timeout=3)
+        assert time.monotonic() - began < 5
+        # The kernel was interrupted, not lost: the context still runs and kept its state.
+        assert sbx.run_code("y").text == "7"
+
+        r = sbx.run_code(PLOT)
+        assert r.error is None, r.error
+        plots = [x for x in r.results if x.png]
+        assert len(plots) == 1, r.results
+        png = base64.b64decode(plots[0].png)
+        assert png.startswith(b"\x89PNG\r\n\x1a\n"), png[:16]
+        chart = plots[0].chart
+        assert chart is not None, "no chart next to the PNG"
+        assert chart.type.value == "line" and chart.title == "Squares"
+        assert (chart.x_label, chart.y_label, chart.y_unit) == ("n", "area", "m2")
+        [line] = chart.elements
+        assert line.label == "squares"
+        assert [(float(x), float(y)) for x, y in line.points] == [(1, 1), (2, 4), (3, 9), (4, 16)]
+        assert chart.x_ticks and len(chart.x_ticks) == len(chart.x_tick_labels)
+
+        r = sbx.run_code("plt.figure(); plt.bar(['a', 'b'], [3, 5], label='g'); plt.show()")
+        [bar] = [x.chart for x in r.results if x.chart]
+        assert bar.type.value == "bar"
+        assert [(e.label, e.group, float(e.value)) for e in bar.elements] == [("a", "g", 3), ("b", "g", 5)]
     finally:
         sbx.kill()
 

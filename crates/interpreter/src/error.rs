@@ -17,6 +17,12 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
+    #[error("writing the kernel support file {path}: {source}")]
+    SupportFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("handing the connection file {path} to uid {uid}: {source}")]
     Chown {
         path: PathBuf,

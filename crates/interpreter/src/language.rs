@@ -12,11 +12,36 @@ pub enum InterruptMode {
     Signal,
 }
 
+/// A file a kernel loads from the service: written into the support directory (world-readable,
+/// the kernel runs as the sandbox's user) before the kernel starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SupportFile {
+    pub name: &'static str,
+    pub contents: &'static str,
+}
+
+/// E2B's chart results: a display formatter that turns a matplotlib figure into the SDKs'
+/// `e2b/chart` schema, next to its PNG.
+pub const PYTHON_CHARTS: SupportFile = SupportFile {
+    name: "firkin_charts.py",
+    contents: include_str!("../python/firkin_charts.py"),
+};
+
+/// Loads [`PYTHON_CHARTS`] into an IPython kernel at start, by `__import__` so that no name
+/// lands in the user's namespace, and takes the support directory off `sys.path` again.
+const PYTHON_STARTUP: &str = "--IPKernelApp.exec_lines=\
+    __import__('sys').path.insert(0, '{support_dir}'); \
+    __import__('firkin_charts').register(get_ipython()); \
+    __import__('sys').path.remove('{support_dir}')";
+
 /// How to start one language's kernel.
 #[derive(Debug, Clone)]
 pub struct KernelSpec {
-    /// The command; `{connection_file}` is replaced by the connection file's path.
+    /// The command; `{connection_file}` is replaced by the connection file's path and
+    /// `{support_dir}` by the directory holding `support_files`.
     pub argv: Vec<String>,
+    /// Written into the support directory before the kernel starts.
+    pub support_files: &'static [SupportFile],
     /// Added to the service's own environment.
     pub env: BTreeMap<String, String>,
     pub interrupt_mode: InterruptMode,
@@ -38,6 +63,7 @@ impl KernelSpec {
             argv: argv.iter().map(|s| (*s).to_owned()).collect(),
             env: BTreeMap::new(),
             interrupt_mode,
+            support_files: &[],
             silent_on_interrupt: false,
             late_output: None,
         }
@@ -60,19 +86,21 @@ pub fn default_kernels() -> BTreeMap<String, KernelSpec> {
         spec
     };
     BTreeMap::from([
-        (
-            "python".to_owned(),
-            KernelSpec::new(
+        ("python".to_owned(), {
+            let mut spec = KernelSpec::new(
                 &[
                     "python3",
                     "-m",
                     "ipykernel_launcher",
                     "-f",
                     "{connection_file}",
+                    PYTHON_STARTUP,
                 ],
                 InterruptMode::Message,
-            ),
-        ),
+            );
+            spec.support_files = &[PYTHON_CHARTS];
+            spec
+        }),
         ("javascript".to_owned(), deno()),
         ("typescript".to_owned(), deno()),
         (

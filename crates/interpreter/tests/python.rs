@@ -328,3 +328,21 @@ async fn restart_cancels_the_running_execution() {
     let next = svc.run("1 + 1", Some(&ctx)).await;
     assert_eq!(next.text().as_deref(), Some("2"));
 }
+
+#[tokio::test]
+async fn the_builtin_python_kernel_has_the_chart_formatter_and_no_extra_names() {
+    let svc = Service::start_builtin_python("python");
+    let r = svc
+        .run(
+            "ip = get_ipython()\n\
+             print(ip.display_formatter.active_types[-1], \
+             'e2b/chart' in ip.display_formatter.formatters, \
+             [n for n in dir() if 'firkin' in n or n == 'sys'], \
+             any('support' in p for p in __import__('sys').path))",
+            None,
+        )
+        .await;
+    r.assert_ended();
+    assert!(r.error().is_none(), "{:?}", r.lines);
+    assert_eq!(r.stdout(), "e2b/chart True [] False\n");
+}

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use super::router::Router;
 use crate::error::KernelError;
-use crate::language::KernelSpec;
+use crate::language::{KernelSpec, SupportFile};
 
 /// Where and as whom kernels run.
 #[derive(Debug, Clone)]
@@ -104,17 +104,28 @@ pub async fn spawn(
             language: language.to_owned(),
         });
     };
+    let support_dir = opts.runtime_dir.join("support");
+    if !spec.support_files.is_empty()
+        && let Err(e) = write_support_files(&support_dir, spec.support_files)
+    {
+        let _ = std::fs::remove_file(&conn_file);
+        return Err(e);
+    }
     let file = conn_file.to_string_lossy();
+    let support = support_dir.to_string_lossy();
     let mut cmd = Command::new(program);
-    cmd.args(args.iter().map(|a| a.replace("{connection_file}", &file)))
-        .envs(&spec.env)
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own group: SIGINT from a terminal never reaches it, and the group dies with it.
-        .process_group(0)
-        .kill_on_drop(true);
+    cmd.args(args.iter().map(|a| {
+        a.replace("{connection_file}", &file)
+            .replace("{support_dir}", &support)
+    }))
+    .envs(&spec.env)
+    .current_dir(cwd)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    // Its own group: SIGINT from a terminal never reaches it, and the group dies with it.
+    .process_group(0)
+    .kill_on_drop(true);
     // ipykernel exits when this pid goes away, so kernels never outlive a killed service.
     cmd.env("JPY_PARENT_PID", std::process::id().to_string());
     if let Some(home) = &opts.home {
@@ -214,6 +225,38 @@ async fn free_ports(language: &str) -> Result<(Vec<u16>, Vec<TcpListener>), Kern
     Ok((ports, listeners))
 }
 
+/// Writes each file unless it already holds these contents: a new file goes in by rename, so a
+/// kernel starting at the same time never reads half of one. Readable by all: kernels run as
+/// the sandbox's user.
+fn write_support_files(dir: &Path, files: &[SupportFile]) -> Result<(), KernelError> {
+    let io_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| KernelError::SupportFile { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io_err(dir))?;
+    for file in files {
+        let path = dir.join(file.name);
+        if std::fs::read(&path).is_ok_and(|held| held == file.contents.as_bytes()) {
+            continue;
+        }
+        let partial = dir.join(format!(".{}.{}", file.name, std::process::id()));
+        let written = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&partial)
+            .and_then(|mut f| f.write_all(file.contents.as_bytes()))
+            .and_then(|()| std::fs::rename(&partial, &path));
+        if let Err(source) = written {
+            let _ = std::fs::remove_file(&partial);
+            return Err(KernelError::SupportFile { path, source });
+        }
+    }
+    Ok(())
+}
+
 fn write_connection_file(
     path: &Path,
     info: &ConnectionInfo,
@@ -253,5 +296,52 @@ async fn log_lines(stream: impl AsyncRead + Unpin, language: String, which: &'st
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         tracing::debug!(%language, stream = which, "{line}");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const FILE: SupportFile = SupportFile {
+        name: "helper.py",
+        contents: "X = 1\n",
+    };
+
+    #[test]
+    fn support_files_are_written_readable_and_rewritten_only_when_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let support = dir.path().join("support");
+        write_support_files(&support, &[FILE]).unwrap();
+        let path = support.join("helper.py");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "X = 1\n");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o644);
+        assert_eq!(mode(&support), 0o755);
+
+        // Unchanged contents: the file is left alone (same inode).
+        use std::os::unix::fs::MetadataExt;
+        let inode = std::fs::metadata(&path).unwrap().ino();
+        write_support_files(&support, &[FILE]).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
+
+        // A stale copy (an older service's) is replaced whole, with nothing left beside it.
+        std::fs::write(&path, "X = 0\n").unwrap();
+        write_support_files(&support, &[FILE]).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "X = 1\n");
+        assert_eq!(std::fs::read_dir(&support).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn python_kernels_load_the_chart_formatter() {
+        let python = &crate::language::default_kernels()["python"];
+        assert_eq!(python.support_files, &[crate::language::PYTHON_CHARTS]);
+        assert!(
+            python
+                .argv
+                .iter()
+                .any(|a| a.contains("firkin_charts") && a.contains("{support_dir}"))
+        );
     }
 }

@@ -52,6 +52,16 @@ impl Service {
 
     /// With extra command-line flags for the service.
     pub fn start_with(default_languages: &str, extra: &[&str]) -> Self {
+        Self::spawn(default_languages, extra, true)
+    }
+
+    /// With the service's own Python kernel command (what a sandbox runs), not the suite's
+    /// `--kernel python=…`; `python3` is looked up first where [`python`] lives.
+    pub fn start_builtin_python(default_languages: &str) -> Self {
+        Self::spawn(default_languages, &[], false)
+    }
+
+    fn spawn(default_languages: &str, extra: &[&str], python_override: bool) -> Self {
         let cwd = tempfile::tempdir().unwrap();
         let runtime: PathBuf = cwd.path().join(".runtime");
         // FIRKIN_INTERPRETER_BIN runs the suite against another build (the static guest one).
@@ -64,11 +74,23 @@ impl Service {
             .arg(cwd.path())
             .arg("--runtime-dir")
             .arg(&runtime)
-            .arg("--kernel")
-            .arg(format!(
-                "python={} -m ipykernel_launcher -f {{connection_file}}",
-                python()
-            ))
+            .args(if python_override {
+                vec![
+                    "--kernel".to_owned(),
+                    format!(
+                        "python={} -m ipykernel_launcher -f {{connection_file}}",
+                        python()
+                    ),
+                ]
+            } else {
+                Vec::new()
+            })
+            .env("PATH", {
+                let python = PathBuf::from(python());
+                let dir = python.parent().filter(|d| !d.as_os_str().is_empty());
+                let path = std::env::var("PATH").unwrap_or_default();
+                dir.map_or(path.clone(), |d| format!("{}:{path}", d.display()))
+            })
             .args(["--default-languages", default_languages])
             // The host's /run is no sandbox's: only tests that name a state file read one.
             .args(if extra.contains(&"--sandbox-state") {
