@@ -273,7 +273,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             let mut launcher =
                 firkin_runtime::qemu::QemuLauncher::new(paths.sandboxes_dir(), Arc::clone(&cache));
             let mut builder =
-                firkin_server::qemu::QemuTemplateBuilder::new(assets, accel, Arc::clone(&cache));
+                firkin_server::qemu::QemuTemplateBuilder::new(assets, accel, Arc::clone(&cache))
+                    .with_rootfs_cache(paths.rootfs_cache_dir());
             slots = crate::network::start(&args.net)?;
             if let Some(pool) = &slots {
                 launcher = launcher.with_slots(pool.clone());

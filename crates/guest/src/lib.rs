@@ -10,6 +10,7 @@ pub mod initramfs;
 pub mod kernel;
 pub mod oci;
 pub mod rootfs;
+pub mod rootfs_cache;
 mod tool;
 pub mod unmount;
 
@@ -20,6 +21,7 @@ pub use rootfs::{
     ImageOptions, ROOTFS_RULES_VERSION, RootfsInfo, RootfsSource, UserSpec, base_template,
     build_rootfs, code_interpreter_template, dir_to_ext4,
 };
+pub use rootfs_cache::RootfsCache;
 pub use unmount::remove_tree;
 
 /// A progress report from long work.

@@ -112,6 +112,19 @@ pub struct ImageOptions {
     pub label: String,
 }
 
+impl ImageOptions {
+    /// A template's image: the defaults, and at least the template's disk size, so that the
+    /// sandbox sees the disk it asked for. Template builds and the tests that build `base`'s
+    /// image use this, so that they find each other's image in the [`crate::RootfsCache`].
+    pub fn for_disk(disk_mib: u64) -> Self {
+        let defaults = ImageOptions::default();
+        ImageOptions {
+            min_mib: defaults.min_mib.max(disk_mib),
+            ..defaults
+        }
+    }
+}
+
 impl Default for ImageOptions {
     fn default() -> Self {
         ImageOptions {

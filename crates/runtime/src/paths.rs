@@ -88,6 +88,11 @@ impl FirkinPaths {
         self.cache.join("templates")
     }
 
+    /// Finished root filesystem images by source (`firkin_guest::RootfsCache`).
+    pub fn rootfs_cache_dir(&self) -> PathBuf {
+        self.cache.join("rootfs")
+    }
+
     /// Guest kernel, modules, initramfs and static guest binaries.
     pub fn guest_dir(&self) -> PathBuf {
         self.cache.join("guest")

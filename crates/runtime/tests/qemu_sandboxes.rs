@@ -82,6 +82,7 @@ fn template() -> &'static TemplateSnapshot {
                     budget: budget(),
                     accel: detect_accel(),
                     slots: None,
+                    rootfs_cache: Some(paths().rootfs_cache_dir()),
                 };
                 let (snap, samples) = firkin_runtime::qemu::build_template(
                     &assets,

@@ -21,6 +21,8 @@ pub struct QemuTemplateBuilder {
     /// Network slots templates are booted in (so that they restore onto TAPs); `None`:
     /// user-mode networking.
     slots: Option<firkin_net::SlotPool>,
+    /// Where root filesystem images are kept for later builds from the same source.
+    rootfs_cache: Option<std::path::PathBuf>,
 }
 
 impl QemuTemplateBuilder {
@@ -31,7 +33,15 @@ impl QemuTemplateBuilder {
             cache,
             fingerprint: OnceLock::new(),
             slots: None,
+            rootfs_cache: None,
         }
+    }
+
+    /// Keeps finished root filesystem images in `dir` (the cache's `rootfs/`), so that a
+    /// second build from the same source skips mmdebstrap.
+    pub fn with_rootfs_cache(mut self, dir: std::path::PathBuf) -> Self {
+        self.rootfs_cache = Some(dir);
+        self
     }
 
     /// Boots templates in network slots from `slots`, as the sandboxes of a server with
@@ -59,6 +69,7 @@ impl TemplateBuilder for QemuTemplateBuilder {
             budget: request.budget,
             accel: self.accel.clone(),
             slots: self.slots.clone(),
+            rootfs_cache: self.rootfs_cache.clone(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let forward = {

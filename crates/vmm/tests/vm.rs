@@ -14,6 +14,10 @@ use firkin_vmm::{ReadyCheck, RestoreRequest, Snapshot, SnapshotKind, Vm, VmmErro
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+/// `base`'s disk as firkin-server builds it (`DEFAULT_TEMPLATE_BUDGET`): the same image
+/// options find the same kept image.
+const BASE_DISK_MIB: u64 = 2048;
+
 fn restore_request(name: &str) -> RestoreRequest {
     RestoreRequest {
         run_dir: fixture()
@@ -338,17 +342,18 @@ fn base_template_with_real_envd_boots_snapshots_and_restores() {
     )
     .unwrap();
     let disk = dir.join("disk.img");
-    firkin_guest::build_rootfs(
-        &firkin_guest::base_template(),
-        &dir.join("scratch"),
-        &disk,
-        &firkin_guest::ImageOptions {
-            headroom_mib: 256,
-            ..Default::default()
-        },
-        &mut |_| {},
-    )
-    .unwrap_or_else(|e| panic!("building base failed ({e}); is mmdebstrap installed? run {SETUP}"));
+    // `base`'s image as its template builds make it, so that one mmdebstrap serves both.
+    firkin_guest::RootfsCache::new(cache_dir().join("rootfs"))
+        .build(
+            &firkin_guest::base_template(),
+            &dir.join("scratch"),
+            &disk,
+            &firkin_guest::ImageOptions::for_disk(BASE_DISK_MIB),
+            &mut |_| {},
+        )
+        .unwrap_or_else(|e| {
+            panic!("building base failed ({e}); is mmdebstrap installed? run {SETUP}")
+        });
     let mut m = machine(f);
     m.initramfs = initramfs;
     m.memory_mib = 512;

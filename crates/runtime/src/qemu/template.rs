@@ -40,6 +40,9 @@ pub struct TemplateBuild {
     /// sandbox of a server with slots runs. `None`: user-mode networking. A snapshot restores
     /// only onto the kind of network it was taken with.
     pub slots: Option<firkin_net::SlotPool>,
+    /// Where finished root filesystem images are kept by source ([`firkin_guest::RootfsCache`]):
+    /// a build from a source built before copies its image. `None`: always built.
+    pub rootfs_cache: Option<PathBuf>,
 }
 
 /// Progress of a build, for progress bars and build logs.
@@ -154,11 +157,12 @@ async fn build_inner(
     let disk = dir.join(firkin_vmm::TEMPLATE_DISK_FILE);
     let opts = image_options(build.budget.disk);
     {
-        let (source, scratch, out, ev) = (
+        let (source, scratch, out, ev, kept) = (
             build.source.clone(),
             dir.join("scratch"),
             disk.clone(),
             events.clone(),
+            build.rootfs_cache.clone(),
         );
         tokio::task::spawn_blocking(move || {
             let mut last = Instant::now() - Duration::from_secs(1);
@@ -169,7 +173,16 @@ async fn build_inner(
                     let _ = ev.send(BuildEvent::Log(format!("{}: {}", p.phase, p.message)));
                 }
             };
-            firkin_guest::build_rootfs(&source, &scratch, &out, &opts, &mut report)
+            match kept {
+                Some(dir) => firkin_guest::RootfsCache::new(dir).build(
+                    &source,
+                    &scratch,
+                    &out,
+                    &opts,
+                    &mut report,
+                ),
+                None => firkin_guest::build_rootfs(&source, &scratch, &out, &opts, &mut report),
+            }
         })
         .await
         .map_err(TemplateBuildError::Task)?
@@ -348,9 +361,5 @@ async fn build_inner(
 /// The image gets the content plus headroom; a requested disk size larger than that is used
 /// as the minimum size instead, so the sandbox sees the disk it asked for.
 fn image_options(disk: Size) -> ImageOptions {
-    let defaults = ImageOptions::default();
-    ImageOptions {
-        min_mib: defaults.min_mib.max(disk.as_mib()),
-        ..defaults
-    }
+    ImageOptions::for_disk(disk.as_mib())
 }

@@ -206,11 +206,14 @@ pub fn open_server(state: &Path, cache: &Path, opts: &Options) -> Server {
             let launcher =
                 firkin_runtime::qemu::QemuLauncher::new(paths.sandboxes_dir(), Arc::clone(&cache))
                     .with_health_timeout(Duration::from_secs(60));
-            let builder: Arc<dyn TemplateBuilder> = Arc::new(QemuTemplateBuilder::new(
-                assets,
-                firkin_runtime::qemu::detect_accel(),
-                Arc::clone(&cache),
-            ));
+            let builder: Arc<dyn TemplateBuilder> = Arc::new(
+                QemuTemplateBuilder::new(
+                    assets,
+                    firkin_runtime::qemu::detect_accel(),
+                    Arc::clone(&cache),
+                )
+                .with_rootfs_cache(paths.rootfs_cache_dir()),
+            );
             Server::open(config, SandboxRuntime::new(launcher, rc, cache), builder).unwrap()
         }
     }
