@@ -425,8 +425,13 @@ def test_no_vm_listens_in_the_host_namespace(server):
 
 @needs_wiring
 def test_user_networking_refuses_an_egress_policy(workdir):  # noqa: F811
-    # Its own state directory and no warm pool: a second server beside the first.
-    s = NetServe(os.path.join(workdir, "user-state"), serve_flags("user") + ["--warm-pool", "base=0"])
+    # Its own state directory, no warm pool and no template: a second server beside the first.
+    # The refusal comes before the template is looked up, so it needs no `base` built for
+    # user-mode networking (which, in this namespace without a mirror, could not be built).
+    s = NetServe(
+        os.path.join(workdir, "user-state"),
+        serve_flags("user") + ["--warm-pool", "base=0", "--no-default-template"],
+    )
     try:
         r = httpx.post(
             s.url + "/v2/sandboxes",

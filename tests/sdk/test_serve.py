@@ -47,7 +47,9 @@ READY_TIMEOUT = float(os.environ.get("FIRKIN_TEST_READY_TIMEOUT", "1800"))
 # The sandboxes' network (`firkin serve --network`): a network of their own where the tests
 # run as root (as CI does), else QEMU's user-mode network.
 NETWORK = os.environ.get("FIRKIN_TEST_NETWORK", "tap" if os.geteuid() == 0 else "user")
-SERVERS = itertools.count()
+# FIRKIN_TEST_SERVER_BASE starts the count elsewhere, for a run beside another one (a
+# developer's run while CI runs): the numbers name each server's network slots.
+SERVERS = itertools.count(int(os.environ.get("FIRKIN_TEST_SERVER_BASE", "0")))
 # Restored sandboxes each server keeps ready: the suite counts VMs against records.
 WARM = 1
 # The process each sandbox is: a VM, or a host agent.
