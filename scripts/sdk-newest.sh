@@ -23,12 +23,13 @@ if [ "${FIRKIN_TEST_SKIP_NEWEST_SDK:-0}" = 1 ]; then
   exit 0
 fi
 
-# The code interpreter tests whose outcome the Python SDK's version cannot change stay with the
-# pinned run: the JS SDK's (npm, pinned), and those of the guest's kernels and clones, where the
-# SDK only passes a language name (together ~4 minutes of CI under TCG). The SDK's own surface
-# (run_code, contexts, streaming, timeouts, results and charts) runs here too.
+# The tests whose outcome the Python SDK's version cannot change stay with the pinned run: the
+# JS SDK's (npm, pinned), those of the guest's kernels and clones, where the SDK only passes a
+# language name, and the base image's tools, which are plain `commands.run` calls (together
+# ~6 minutes of CI under TCG). The SDK's own surface (commands, files, pty, lifecycle;
+# run_code, contexts, streaming, timeouts, results and charts) runs here too.
 pinned_only="not test_js_sdk and not test_clones and not keep_state and not keeps_state"
-pinned_only="$pinned_only or test_run_code_keeps_state"
+pinned_only="$pinned_only and not test_base_has_the_tools or test_run_code_keeps_state"
 
 log=$(mktemp -t firkin-sdk-newest.XXXXXX.log)
 if FIRKIN_SDK_VENV="$venv" FIRKIN_SDK_NEWEST=1 ./tests/sdk/run-serve.sh -rfE -k "$pinned_only" "$@" 2>&1 | tee "$log"; then
