@@ -218,21 +218,21 @@ impl BuildFiles {
                 continue;
             }
             let kind = entry.header().entry_type();
-            if kind.is_hard_link() || kind.is_symlink() {
-                if let Some(target) = entry.link_name().map_err(|e| not_a_tar(e.to_string()))? {
-                    // A hard link names a member; a relative symlink resolves from its
-                    // directory. Either way it must stay in the context; an absolute symlink
-                    // points into the guest's own tree, which the build may do anyway.
-                    let resolved = if kind.is_hard_link() {
-                        target.to_path_buf()
-                    } else if target.is_absolute() {
-                        PathBuf::new()
-                    } else {
-                        clean.parent().unwrap_or(Path::new("")).join(&target)
-                    };
-                    if normalized(&resolved).is_none() {
-                        return Err(unsafe_path(&target));
-                    }
+            if (kind.is_hard_link() || kind.is_symlink())
+                && let Some(target) = entry.link_name().map_err(|e| not_a_tar(e.to_string()))?
+            {
+                // A hard link names a member; a relative symlink resolves from its
+                // directory. Either way it must stay in the context; an absolute symlink
+                // points into the guest's own tree, which the build may do anyway.
+                let resolved = if kind.is_hard_link() {
+                    target.to_path_buf()
+                } else if target.is_absolute() {
+                    PathBuf::new()
+                } else {
+                    clean.parent().unwrap_or(Path::new("")).join(&target)
+                };
+                if normalized(&resolved).is_none() {
+                    return Err(unsafe_path(&target));
                 }
             }
             let mut header = entry.header().clone();
