@@ -176,6 +176,8 @@ pub struct App {
     pub(crate) expiring: Mutex<HashSet<SandboxId>>,
     pub(crate) client: crate::upstream::GuestClient,
     pub(crate) metric_history: MetricsHistory,
+    /// COPY steps' uploaded files (issue 14), in the cache: shared by every state directory.
+    pub(crate) build_files: crate::build_files::BuildFiles,
 }
 
 impl std::fmt::Debug for App {
@@ -217,7 +219,6 @@ impl App {
         Self {
             rt,
             store,
-            config,
             keys,
             locks: Locks::default(),
             idempotency: Idempotency::default(),
@@ -226,6 +227,10 @@ impl App {
             expiring: Mutex::new(HashSet::new()),
             client: crate::upstream::http_client(),
             metric_history: MetricsHistory::default(),
+            build_files: crate::build_files::BuildFiles::new(
+                config.paths.cache_dir().join("build-files"),
+            ),
+            config,
         }
     }
 

@@ -24,6 +24,7 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod build_files;
 pub mod capacity;
 pub mod egress;
 pub mod error;

@@ -16,6 +16,7 @@ use crate::app::App;
 use crate::error::ApiError;
 use crate::store::StoreError;
 
+mod build_files;
 mod extract;
 pub mod list;
 mod sandboxes;
@@ -53,6 +54,11 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/templates", get(templates::list))
         // One page holds every template, so v2's pagination ends at once (no X-Next-Token).
         .route("/v2/templates", get(templates::list))
+        .route(
+            "/templates/{template}/files/{hash}",
+            get(build_files::lookup),
+        )
+        .route("/firkin/v1/build-files/{hash}", put(build_files::upload))
         .route("/firkin/v1/status", get(status::status))
         .route(
             "/firkin/v1/templates",

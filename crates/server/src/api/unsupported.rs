@@ -76,11 +76,6 @@ pub const ROUTES: &[Unsupported] = &[
     row(Method::POST, "/templates", TEMPLATE_BUILDS),
     row(Method::POST, "/templates/{templateID}", TEMPLATE_BUILDS),
     row(
-        Method::GET,
-        "/templates/{templateID}/files/{hash}",
-        TEMPLATE_BUILDS,
-    ),
-    row(
         Method::POST,
         "/templates/{templateID}/builds/{buildID}",
         TEMPLATE_BUILDS,
