@@ -91,7 +91,7 @@ impl RootfsCache {
                 total: Some(1),
                 message: format!("reusing the image built from the same source ({key:.12})"),
             });
-            copy_sparse(&self.image(&key), out)?;
+            copy_whole(&self.image(&key), out)?;
             return Ok(RootfsInfo {
                 image: out.to_owned(),
                 ..info
@@ -128,17 +128,7 @@ impl RootfsCache {
 
     fn keep(&self, key: &str, info: &RootfsInfo) -> Result<()> {
         std::fs::create_dir_all(&self.dir).map_err(GuestError::io("creating", &self.dir))?;
-        let image = self.image(key);
-        let partial = self
-            .dir
-            .join(format!(".{key}.img.{}.partial", std::process::id()));
-        let copied = copy_sparse(&info.image, &partial).and_then(|()| {
-            std::fs::rename(&partial, &image).map_err(GuestError::io("renaming", &partial))
-        });
-        if let Err(err) = copied {
-            let _ = std::fs::remove_file(&partial);
-            return Err(err);
-        }
+        copy_whole(&info.image, &self.image(key))?;
         let json = serde_json::to_vec(info).map_err(|e| GuestError::Io {
             op: "encoding",
             path: self.info(key),
@@ -185,6 +175,21 @@ impl RootfsCache {
             let _ = std::fs::remove_file(self.image(&key));
         }
     }
+}
+
+/// Copies `from` to `to` through a sibling `.partial` file and a rename, so that `to` exists
+/// only complete (as [`build_rootfs`] promises of its image, and the cache of its entries).
+fn copy_whole(from: &Path, to: &Path) -> Result<()> {
+    let name = to
+        .file_name()
+        .map_or_else(|| "image".into(), |n| n.to_string_lossy().into_owned());
+    let partial = to.with_file_name(format!(".{name}.{}.partial", std::process::id()));
+    let copied = copy_sparse(from, &partial)
+        .and_then(|()| std::fs::rename(&partial, to).map_err(GuestError::io("renaming", &partial)));
+    if copied.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    copied
 }
 
 /// Copies an image keeping its holes (an ext4 image is mostly unwritten space), as a reflink
@@ -275,7 +280,13 @@ mod tests {
         let info = cache.lookup("k").unwrap();
         assert_eq!(info.image_bytes, 64 << 20);
         let out = dir.path().join("disk.img");
-        copy_sparse(&cache.image("k"), &out).unwrap();
+        copy_whole(&cache.image("k"), &out).unwrap();
+        let mut beside: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        beside.sort();
+        assert_eq!(beside, ["disk.img", "rootfs"], "a partial copy was left");
         let meta = std::fs::metadata(&out).unwrap();
         assert_eq!(meta.len(), 64 << 20);
         use std::os::unix::fs::MetadataExt;

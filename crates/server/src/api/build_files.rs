@@ -41,6 +41,15 @@ pub(super) async fn lookup(
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .ok_or_else(|| ApiError::bad_request("a Host header is needed for the upload url"))?;
+    // firkin itself serves plain HTTP (TLS is issue 15's); behind a TLS-terminating proxy the
+    // SDK must be sent back through it.
+    let scheme = match headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+    {
+        Some("https") => "https",
+        _ => "http",
+    };
     let key = headers
         .get("x-api-key")
         .and_then(|h| h.to_str().ok())
@@ -49,7 +58,7 @@ pub(super) async fn lookup(
         StatusCode::CREATED,
         Json(json!({
             "present": present,
-            "url": format!("http://{host}/firkin/v1/build-files/{hash}"),
+            "url": format!("{scheme}://{host}/firkin/v1/build-files/{hash}"),
             "headers": {"X-API-KEY": key},
         })),
     )
